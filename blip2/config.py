@@ -1,0 +1,263 @@
+"""Model configuration: small dataclasses that load from and save to YAML.
+
+Every field name follows the seed (MindFormers) and transformers' vocabulary. Unknown keys are errors that name the
+key and list the valid ones, so a typo in a YAML file never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T", bound="_ConfigBase")
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message names it."""
+
+
+class _ConfigBase:
+    """Shared dict/YAML round trip for the config dataclasses."""
+
+    # nested config fields: name -> class (filled by subclasses)
+    _nested: dict[str, type] = {}
+
+    @classmethod
+    def from_dict(cls: type[T], data: dict[str, Any] | None, *, where: str = "") -> T:
+        """Build from a plain dict; an unknown key raises ConfigError naming it."""
+        data = dict(data or {})
+        prefix = f"{where}." if where else ""
+        type_name = data.pop("type", None)
+        if type_name is not None and type_name != cls.__name__:
+            raise ConfigError(f"{prefix}type={type_name!r} does not match {cls.__name__}")
+        valid = [f.name for f in fields(cls)]  # type: ignore[arg-type]
+        unknown = [k for k in data if k not in valid]
+        if unknown:
+            raise ConfigError(
+                f"unknown config key {prefix}{unknown[0]!r} for {cls.__name__}; valid keys: {', '.join(valid)}"
+            )
+        kwargs: dict[str, Any] = {}
+        for name, value in data.items():
+            nested = cls._nested.get(name)
+            if nested is not None and isinstance(value, dict):
+                value = nested.from_dict(value, where=f"{prefix}{name}")
+            kwargs[name] = value
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if isinstance(value, _ConfigBase):
+                value = value.to_dict()
+            elif isinstance(value, dict):
+                value = dict(value)
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_yaml(cls: type[T], path: str | os.PathLike) -> T:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+        return cls.from_dict(data)
+
+    def to_yaml(self, path: str | os.PathLike) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", encoding="utf-8") as handle:
+            yaml.safe_dump(self.to_dict(), handle, sort_keys=False)
+
+    def replace(self: T, **changes: Any) -> T:
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+
+def _check_positive(owner: str, **values: int | float) -> None:
+    for name, value in values.items():
+        if value is None or value <= 0:
+            raise ConfigError(f"{owner}.{name}={value} must be positive")
+
+
+def _check_divides(owner: str, hidden_size: int, num_heads: int) -> None:
+    if hidden_size % num_heads != 0:
+        raise ConfigError(
+            f"{owner}.num_attention_heads={num_heads} must divide {owner}.hidden_size={hidden_size}"
+        )
+
+
+@dataclass
+class ViTConfig(_ConfigBase):
+    """EVA ViT image encoder (defaults: EVA-CLIP ViT-g/14 with its last block dropped, as BLIP-2 uses it)."""
+
+    image_size: int = 224
+    patch_size: int = 14
+    hidden_size: int = 1408
+    num_hidden_layers: int = 39
+    num_attention_heads: int = 16
+    intermediate_size: int = 6144
+    layer_norm_eps: float = 1e-6  # the ViT blocks' norms
+    ln_vision_eps: float = 1e-5  # the trainable ln_vision after the ViT (LAVIS uses torch's default)
+    qkv_bias: bool = True  # q and v biases; the k bias is always zero (EVA)
+    drop_path_rate: float = 0.0
+    use_grad_checkpoint: bool = False
+
+    def __post_init__(self) -> None:
+        _check_positive("vision_config", image_size=self.image_size, patch_size=self.patch_size,
+                        hidden_size=self.hidden_size, num_hidden_layers=self.num_hidden_layers,
+                        num_attention_heads=self.num_attention_heads, intermediate_size=self.intermediate_size)
+        _check_divides("vision_config", self.hidden_size, self.num_attention_heads)
+        if self.image_size % self.patch_size != 0:
+            raise ConfigError(
+                f"vision_config.patch_size={self.patch_size} must divide vision_config.image_size={self.image_size}"
+            )
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ConfigError(f"vision_config.drop_path_rate={self.drop_path_rate} must be in [0, 1)")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass
+class QformerConfig(_ConfigBase):
+    """Q-Former: a BERT-base encoder with learned queries and cross-attention to the image every few layers.
+
+    The cross-attention key/value width is the ViT's hidden size; it is read from ``Blip2Config.vision_config`` and
+    never stored here a second time.
+    """
+
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    query_length: int = 32
+    cross_attention_freq: int = 2
+    vocab_size: int = 30523  # bert-base-uncased (30522) + [DEC]
+    max_position_embeddings: int = 512
+    layer_norm_eps: float = 1e-12
+    bos_token_id: int = 30522  # [DEC], replaces [CLS] for the language-modelling pass
+    pad_token_id: int = 0
+    sep_token_id: int = 102  # [SEP], the end of a caption
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+
+    def __post_init__(self) -> None:
+        _check_positive("qformer_config", hidden_size=self.hidden_size, num_hidden_layers=self.num_hidden_layers,
+                        num_attention_heads=self.num_attention_heads, intermediate_size=self.intermediate_size,
+                        query_length=self.query_length, cross_attention_freq=self.cross_attention_freq,
+                        vocab_size=self.vocab_size, max_position_embeddings=self.max_position_embeddings)
+        _check_divides("qformer_config", self.hidden_size, self.num_attention_heads)
+        for name in ("bos_token_id", "pad_token_id", "sep_token_id"):
+            value = getattr(self, name)
+            if not 0 <= value < self.vocab_size:
+                raise ConfigError(f"qformer_config.{name}={value} is outside the vocabulary (vocab_size={self.vocab_size})")
+
+    def has_cross_attention(self, layer_index: int) -> bool:
+        return layer_index % self.cross_attention_freq == 0
+
+
+@dataclass
+class Blip2Config(_ConfigBase):
+    """The whole BLIP-2 model: image encoder, Q-Former and (stage 2) the language model's config.
+
+    ``text_config`` is None in stage 1. In stage 2 it is a dict: the LLM's transformers config keys plus
+    ``checkpoint_name_or_path`` (a local LLM folder) and ``seq_length``.
+    """
+
+    vision_config: ViTConfig = field(default_factory=ViTConfig)
+    qformer_config: QformerConfig = field(default_factory=QformerConfig)
+    text_config: dict[str, Any] | None = None
+    embed_dim: int = 256  # width of the ITC features (vision_proj / text_proj)
+    max_txt_len: int = 32
+    freeze_vision: bool = True
+    freeze_text: bool = True
+    prompt: str = ""
+    prompt_length: int = 0
+    checkpoint_name_or_path: str | None = None
+    compute_dtype: str = "bfloat16"  # autocast dtype on accelerators; CPU runs in float32
+
+    _nested = {"vision_config": ViTConfig, "qformer_config": QformerConfig}
+
+    def __post_init__(self) -> None:
+        if isinstance(self.vision_config, dict):
+            self.vision_config = ViTConfig.from_dict(self.vision_config, where="vision_config")
+        if isinstance(self.qformer_config, dict):
+            self.qformer_config = QformerConfig.from_dict(self.qformer_config, where="qformer_config")
+        _check_positive("model_config", embed_dim=self.embed_dim, max_txt_len=self.max_txt_len)
+        if self.compute_dtype not in _DTYPES:
+            raise ConfigError(f"compute_dtype={self.compute_dtype!r} must be one of {', '.join(_DTYPES)}")
+        if self.prompt_length < 0:
+            raise ConfigError(f"prompt_length={self.prompt_length} must be >= 0")
+        if self.max_txt_len > self.qformer_config.max_position_embeddings:
+            raise ConfigError(
+                f"max_txt_len={self.max_txt_len} exceeds qformer_config.max_position_embeddings="
+                f"{self.qformer_config.max_position_embeddings}"
+            )
+        if self.text_config is not None and not isinstance(self.text_config, dict):
+            raise ConfigError(f"text_config must be a mapping or null, got {type(self.text_config).__name__}")
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike) -> "Blip2Config":
+        """A preset name (see ``show_support_list``), one of our folders, or a Hugging Face BLIP-2 folder."""
+        from blip2 import registry
+        from blip2.weights import hf
+
+        name = str(name_or_path)
+        if name in registry.PRESETS:
+            return registry.get_preset(name).config()
+        path = Path(name)
+        if path.is_dir():
+            if (path / "config.yaml").is_file():
+                return cls.from_yaml(path / "config.yaml")
+            if (path / "config.json").is_file():
+                return hf.config_from_hf_folder(path)
+            raise FileNotFoundError(f"{path} has neither config.yaml (blip2) nor config.json (Hugging Face)")
+        raise FileNotFoundError(
+            f"{name!r} is neither a preset nor a folder; presets: {', '.join(registry.PRESETS)}"
+        )
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        self.to_yaml(Path(directory) / "config.yaml")
+
+
+def set_by_path(config: Any, dotted: str, raw_value: str) -> None:
+    """Apply a ``--set a.b.c=value`` override to nested dataclasses/dicts; the path must already exist."""
+    parts = dotted.split(".")
+    target = config
+    for depth, part in enumerate(parts[:-1]):
+        target = _child(target, part, ".".join(parts[: depth + 1]))
+    last = parts[-1]
+    current = _child(target, last, dotted)
+    value = yaml.safe_load(raw_value) if isinstance(raw_value, str) else raw_value
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(target, dict):
+        target[last] = value
+    else:
+        setattr(target, last, value)
+        post_init = getattr(target, "__post_init__", None)
+        if post_init is not None:
+            post_init()
+
+
+def _child(node: Any, key: str, path: str) -> Any:
+    if isinstance(node, dict):
+        if key not in node:
+            raise ConfigError(f"--set {path}: no such key; valid keys here: {', '.join(map(str, node))}")
+        return node[key]
+    if dataclasses.is_dataclass(node):
+        names = [f.name for f in fields(node)]
+        if key not in names:
+            raise ConfigError(f"--set {path}: no such key; valid keys here: {', '.join(names)}")
+        return getattr(node, key)
+    raise ConfigError(f"--set {path}: {type(node).__name__} has no keys")

@@ -1,0 +1,289 @@
+"""Stage 1: the Q-Former learns from a frozen image encoder with three losses (ITC, ITM with hard negatives, LM).
+
+Reading order follows the paper: image path, text path, then ``_itc``, ``_itm``, ``_lm`` and a ``forward`` that
+calls the three. Inference entry points (features, similarities, ITM logits, captions) come last.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from blip2.config import Blip2Config
+from blip2.models import generation
+from blip2.models.base import Blip2PreTrainedModel
+from blip2.models.gather import LOCAL, FeatureGather
+from blip2.models.outputs import Blip2FeatureOutput, Blip2Output
+from blip2.nn.qformer import Qformer, QformerLMHead, QformerOutput
+from blip2.nn.vit import VisionTransformer
+
+LABEL_SMOOTHING = 0.1
+
+
+def init_bert_weights(module: nn.Module, std: float = 0.02) -> None:
+    """BERT's initialisation: normal(0, 0.02) weights, zero biases, unit LayerNorms."""
+    for sub in module.modules():
+        if isinstance(sub, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(sub.weight, std=std)
+            if isinstance(sub, nn.Linear) and sub.bias is not None:
+                nn.init.zeros_(sub.bias)
+            if isinstance(sub, nn.Embedding) and sub.padding_idx is not None:
+                nn.init.zeros_(sub.weight[sub.padding_idx])
+        elif isinstance(sub, nn.LayerNorm):
+            nn.init.ones_(sub.weight)
+            nn.init.zeros_(sub.bias)
+
+
+class Blip2Qformer(Blip2PreTrainedModel):
+    """BLIP-2 stage 1: EVA ViT (frozen) + ln_vision + Q-Former with ITC, ITM and LM heads."""
+
+    preset_group = "stage1"
+
+    def __init__(self, config: Blip2Config) -> None:
+        super().__init__(config)
+        vision, qformer = config.vision_config, config.qformer_config
+        self.vision_model = VisionTransformer(vision)
+        self.ln_vision = nn.LayerNorm(vision.hidden_size, eps=vision.ln_vision_eps)
+        self.query_tokens = nn.Parameter(torch.zeros(1, qformer.query_length, qformer.hidden_size))
+        self.qformer = Qformer(qformer, image_hidden_size=vision.hidden_size)
+        self.lm_head = QformerLMHead(qformer)
+        init_bert_weights(self.qformer)
+        init_bert_weights(self.lm_head)
+        nn.init.normal_(self.query_tokens, std=0.02)
+        # the projections and the ITM head keep nn.Linear's default initialisation, as in LAVIS
+        self.vision_proj = nn.Linear(qformer.hidden_size, config.embed_dim)
+        self.text_proj = nn.Linear(qformer.hidden_size, config.embed_dim)
+        self.itm_head = nn.Linear(qformer.hidden_size, 2)
+        self.temp = nn.Parameter(torch.tensor(0.07))
+        if config.freeze_vision:
+            self.apply_freezing()
+
+    def frozen_modules(self) -> list[nn.Module]:
+        return [self.vision_model] if self.config.freeze_vision else []
+
+    # --- image path ----------------------------------------------------------------------------------------------
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values (B, 3, H, W) -> ln_vision(ViT(pixels)) (B, N, D_img); no gradient into a frozen ViT."""
+        if self.config.freeze_vision:
+            with torch.no_grad():
+                vit_out = self.vision_model(pixel_values)
+        else:
+            vit_out = self.vision_model(pixel_values)
+        return self.ln_vision(vit_out)
+
+    def query_forward(self, image_embeds: torch.Tensor, use_cache: bool = False) -> QformerOutput:
+        """The queries read the image: (B, N, D_img) -> query outputs (B, Q, D) (+ their self-attention K/V)."""
+        query_tokens = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        return self.qformer(query_embeds=query_tokens, image_embeds=image_embeds, use_cache=use_cache)
+
+    def image_feats(self, query_hidden: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.vision_proj(query_hidden), dim=-1)  # (B, Q, E)
+
+    # --- text path -----------------------------------------------------------------------------------------------
+    def text_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Text alone, bidirectional: (B, L) -> (B, L, D)."""
+        return self.qformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def text_feat(self, text_hidden: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.text_proj(text_hidden[:, 0]), dim=-1)  # (B, E), the [CLS] token
+
+    # --- losses --------------------------------------------------------------------------------------------------
+    def _itc(self, image_feats: torch.Tensor, text_feat: torch.Tensor, gather: FeatureGather):
+        """Contrastive loss over the (gathered) batch; returns the loss and both similarity matrices / temp."""
+        image_feats_all = gather.all_gather(image_feats)  # (B*W, Q, E), no gradient
+        text_feat_all = gather.all_gather(text_feat)  # (B*W, E)
+        image_feats, text_feat = image_feats.float(), text_feat.float()
+        temp = self.temp.float()
+        sim_i2t = torch.einsum("bqe,te->btq", image_feats, text_feat_all.float()).amax(-1) / temp  # (B, B*W)
+        sim_t2i = torch.einsum("be,tqe->btq", text_feat, image_feats_all.float()).amax(-1) / temp  # (B, B*W)
+        batch = image_feats.shape[0]
+        targets = torch.arange(batch, device=image_feats.device) + gather.rank * batch
+        loss = (
+            F.cross_entropy(sim_i2t, targets, label_smoothing=LABEL_SMOOTHING)
+            + F.cross_entropy(sim_t2i, targets, label_smoothing=LABEL_SMOOTHING)
+        ) / 2
+        return loss, sim_i2t, sim_t2i
+
+    @torch.no_grad()
+    def _hard_negative_index(self, sim: torch.Tensor, rank: int) -> torch.Tensor:
+        """One index per row, drawn from softmax(sim) with each row's positive excluded; one batched draw."""
+        batch = sim.shape[0]
+        weights = torch.nan_to_num(sim.float(), nan=0.0, posinf=1e4, neginf=-1e4).clone()
+        weights[:, rank * batch : (rank + 1) * batch].fill_diagonal_(-10000.0)
+        return torch.multinomial(weights.softmax(dim=1), 1).squeeze(1)  # (B,)
+
+    def _itm(
+        self,
+        image_embeds: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        sim_i2t: torch.Tensor,
+        sim_t2i: torch.Tensor,
+        gather: FeatureGather,
+    ) -> torch.Tensor:
+        """Image-text matching on B positives, B negative images and B negative texts (batch of 3B)."""
+        text_ids_all = gather.all_gather(input_ids)  # (B*W, L)
+        text_mask_all = gather.all_gather(attention_mask)
+        image_embeds_all = gather.all_gather_with_grad(image_embeds)  # (B*W, N, D_img)
+        negative_image = self._hard_negative_index(sim_t2i, gather.rank)  # for each text
+        negative_text = self._hard_negative_index(sim_i2t, gather.rank)  # for each image
+        itm_ids = torch.cat((input_ids, input_ids, text_ids_all[negative_text]), dim=0)  # (3B, L)
+        itm_mask = torch.cat((attention_mask, attention_mask, text_mask_all[negative_text]), dim=0)
+        itm_images = torch.cat((image_embeds, image_embeds_all[negative_image], image_embeds), dim=0)
+        logits = self._itm_logits(itm_images, itm_ids, itm_mask)  # (3B, 2)
+        batch = input_ids.shape[0]
+        labels = torch.cat((torch.ones(batch), torch.zeros(2 * batch))).long().to(logits.device)
+        return F.cross_entropy(logits.float(), labels)
+
+    def _lm(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query_cache) -> torch.Tensor:
+        """Image-grounded captioning: [DEC] replaces [CLS]; causal text that sees every query (cached K/V)."""
+        decoder_ids = input_ids.clone()
+        decoder_ids[:, 0] = self.config.qformer_config.bos_token_id
+        labels = decoder_ids.masked_fill(attention_mask == 0, -100)
+        hidden = self.qformer(
+            input_ids=decoder_ids, attention_mask=attention_mask, past_key_values=query_cache, causal=True
+        ).last_hidden_state
+        logits = self.lm_head(hidden, self.qformer.embeddings.word_embeddings.weight)  # (B, L, V)
+        return F.cross_entropy(
+            logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100,
+            label_smoothing=LABEL_SMOOTHING,
+        )
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        return_tuple: bool = False,
+        gather: FeatureGather | None = None,
+    ) -> Blip2Output | tuple[torch.Tensor, ...]:
+        """Stage-1 losses for a batch of image-caption pairs: (loss, loss_itc, loss_itm, loss_lm)."""
+        gather = gather or LOCAL
+        if attention_mask is None:
+            attention_mask = (input_ids != self.config.qformer_config.pad_token_id).long()
+        image_embeds = self.encode_image(pixel_values)  # (B, N, D_img)
+        query_out = self.query_forward(image_embeds, use_cache=True)
+        image_feats = self.image_feats(query_out.last_hidden_state)  # (B, Q, E)
+        text_feat = self.text_feat(self.text_forward(input_ids, attention_mask))  # (B, E)
+        loss_itc, sim_i2t, sim_t2i = self._itc(image_feats, text_feat, gather)
+        loss_itm = self._itm(image_embeds, input_ids, attention_mask, sim_i2t, sim_t2i, gather)
+        loss_lm = self._lm(input_ids, attention_mask, query_out.past_key_values)
+        output = Blip2Output(loss_itc + loss_itm + loss_lm, loss_itc, loss_itm, loss_lm)
+        return output.to_tuple() if return_tuple else output
+
+    # --- inference -----------------------------------------------------------------------------------------------
+    def _itm_logits(self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """Joint bidirectional pass of queries + text reading ``image_embeds``; ITM head averaged over queries."""
+        query_tokens = self.query_tokens.expand(input_ids.shape[0], -1, -1)
+        hidden = self.qformer(
+            query_embeds=query_tokens, input_ids=input_ids, attention_mask=attention_mask, image_embeds=image_embeds
+        ).last_hidden_state
+        return self.itm_head(hidden[:, : query_tokens.shape[1]]).mean(dim=1)  # (B, 2)
+
+    def itm_logits_from_embeds(
+        self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """ITM logits (B, 2) for pairs (image_embeds[i], text[i]) from cached ``encode_image`` outputs."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return self._itm_logits(image_embeds, input_ids, attention_mask)
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Normalized query features (B, Q, E)."""
+        return self.image_feats(self.query_forward(self.encode_image(pixel_values)).last_hidden_state)
+
+    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalized [CLS] features (B, E)."""
+        return self.text_feat(self.text_forward(input_ids, attention_mask))
+
+    @staticmethod
+    def similarity(image_feats: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:
+        """Max-over-queries cosine: image_feats (N_img, Q, E), text_feats (N_txt, E) -> (N_img, N_txt)."""
+        return torch.einsum("iqe,te->itq", image_feats.float(), text_feats.float()).amax(-1)
+
+    def itc_similarity(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(N_img, N_txt) max-over-queries cosine similarity, without temperature."""
+        return self.similarity(self.get_image_features(pixel_values), self.get_text_features(input_ids, attention_mask))
+
+    def itm_logits(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """ITM logits (B, 2) for the pairs (image i, text i); index 1 = match."""
+        if pixel_values.shape[0] != input_ids.shape[0]:
+            raise ValueError(
+                f"itm_logits scores pairs: got {pixel_values.shape[0]} images and {input_ids.shape[0]} texts"
+            )
+        return self.itm_logits_from_embeds(self.encode_image(pixel_values), input_ids, attention_mask)
+
+    def extract_features(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        mode: str = "multimodal",
+    ) -> Blip2FeatureOutput:
+        """LAVIS ``extract_features``: mode "image", "text" or "multimodal" (query outputs of the joint pass)."""
+        if mode not in ("image", "text", "multimodal"):
+            raise ValueError(f"mode={mode!r} must be 'image', 'text' or 'multimodal'")
+        if mode in ("image", "multimodal") and pixel_values is None:
+            raise ValueError(f"mode={mode!r} needs pixel_values")
+        if mode in ("text", "multimodal") and input_ids is None:
+            raise ValueError(f"mode={mode!r} needs input_ids")
+        if mode == "image":
+            query_hidden = self.query_forward(self.encode_image(pixel_values)).last_hidden_state
+            return Blip2FeatureOutput(image_embeds=query_hidden, image_embeds_proj=self.image_feats(query_hidden))
+        if mode == "text":
+            text_hidden = self.text_forward(input_ids, attention_mask)
+            return Blip2FeatureOutput(
+                text_embeds=text_hidden, text_embeds_proj=F.normalize(self.text_proj(text_hidden), dim=-1)
+            )
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        query_tokens = self.query_tokens.expand(input_ids.shape[0], -1, -1)
+        hidden = self.qformer(
+            query_embeds=query_tokens, input_ids=input_ids, attention_mask=attention_mask,
+            image_embeds=self.encode_image(pixel_values),
+        ).last_hidden_state
+        return Blip2FeatureOutput(multimodal_embeds=hidden[:, : query_tokens.shape[1]])
+
+    @torch.no_grad()
+    def generate(
+        self,
+        pixel_values: torch.Tensor,
+        num_beams: int = 3,
+        max_length: int = 30,
+        min_length: int = 10,
+        do_sample: bool = False,
+        top_p: float = 0.9,
+        temperature: float = 1.0,
+        repetition_penalty: float = 1.0,
+        length_penalty: float = 1.0,
+        num_captions: int = 1,
+    ) -> torch.Tensor:
+        """Captions from the Q-Former's LM head: token ids (B * num_captions, T) starting with [DEC].
+
+        ``num_beams=1`` is greedy; ``do_sample`` draws with nucleus sampling (``top_p``). Decode with
+        ``Blip2Processor.batch_decode``.
+        """
+        qcfg = self.config.qformer_config
+        repeats = num_captions if do_sample else num_beams
+        image_embeds = self.encode_image(pixel_values).repeat_interleave(repeats, dim=0)
+        query_cache = self.query_forward(image_embeds, use_cache=True).past_key_values
+        bos = torch.full((image_embeds.shape[0], 1), qcfg.bos_token_id, dtype=torch.long, device=image_embeds.device)
+        word_embeddings = self.qformer.embeddings.word_embeddings.weight
+
+        def step(new_ids: torch.Tensor, cache, position: int):
+            out = self.qformer(input_ids=new_ids, past_key_values=cache, causal=True, use_cache=True,
+                               position_offset=position)
+            return self.lm_head(out.last_hidden_state[:, -1], word_embeddings), out.past_key_values
+
+        common = dict(max_length=max_length, min_length=min_length, eos_token_id=qcfg.sep_token_id,
+                      pad_token_id=qcfg.pad_token_id, repetition_penalty=repetition_penalty)
+        if do_sample or num_beams == 1:
+            return generation.sample_or_greedy(step, query_cache, bos, do_sample=do_sample, top_p=top_p,
+                                               temperature=temperature, **common)
+        return generation.beam_search(step, query_cache, bos, num_beams=num_beams, length_penalty=length_penalty,
+                                      num_return_sequences=num_captions, **common)

@@ -1,0 +1,1 @@
+"""Building blocks with no I/O: attention, the EVA ViT, the Q-Former."""

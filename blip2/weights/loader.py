@@ -1,0 +1,167 @@
+"""The one checkpoint loader: find the source, pick its format adapter, translate keys, load strictly.
+
+Every adapter turns a foreign state dict into our key names (``to_native``). Loading then checks every key:
+wrong shapes, missing keys and unexpected keys raise one ``WeightLoadError`` that names them (counts and the first
+few), except keys an adapter declares as expected to be absent (``allowed_missing``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.yaml"
+
+
+class WeightLoadError(RuntimeError):
+    """A checkpoint does not fit the model; the message names the keys."""
+
+
+@dataclass
+class LoadReport:
+    source: str
+    missing: list[str] = field(default_factory=list)  # allowed to be missing (declared by the adapter)
+    unexpected: list[str] = field(default_factory=list)  # dropped on purpose (declared by the adapter)
+
+    def summary(self) -> str:
+        parts = [f"loaded {self.source}"]
+        if self.missing:
+            parts.append(f"{len(self.missing)} keys left at their initial values ({_first(self.missing)})")
+        if self.unexpected:
+            parts.append(f"{len(self.unexpected)} checkpoint keys not used ({_first(self.unexpected)})")
+        return "; ".join(parts)
+
+
+def _first(keys: list[str], count: int = 5) -> str:
+    shown = ", ".join(keys[:count])
+    return shown + (f", ... (+{len(keys) - count} more)" if len(keys) > count else "")
+
+
+def _matches(key: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(key, pattern) for pattern in patterns)
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a ``.safetensors`` file or a torch pickle (``.pth``/``.bin``/``.pt``); unwrap ``{"model": ...}``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # not a zip-format file: mmap is unavailable
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    for wrapper in ("model", "state_dict", "module"):
+        if isinstance(state, dict) and wrapper in state and isinstance(state[wrapper], dict):
+            state = state[wrapper]
+    if not isinstance(state, dict):
+        raise WeightLoadError(f"{path}: expected a state dict, found {type(state).__name__}")
+    return state
+
+
+def load_into(
+    model: torch.nn.Module,
+    state: dict[str, torch.Tensor],
+    source: str,
+    allowed_missing: Iterable[str] = (),
+    allowed_unexpected: Iterable[str] = (),
+) -> LoadReport:
+    """Copy ``state`` (our key names) into ``model``; anything that does not fit raises, naming the keys."""
+    expected = model.state_dict()
+    allowed_missing, allowed_unexpected = list(allowed_missing), list(allowed_unexpected)
+    mismatched = [
+        f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(expected[key].shape)}"
+        for key, value in state.items()
+        if key in expected and tuple(value.shape) != tuple(expected[key].shape)
+    ]
+    if mismatched:
+        raise WeightLoadError(f"{source}: {len(mismatched)} tensors have the wrong shape: {_first(mismatched, 3)}")
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    bad_missing = [key for key in missing if not _matches(key, allowed_missing)]
+    bad_unexpected = [key for key in unexpected if not _matches(key, allowed_unexpected)]
+    if bad_missing or bad_unexpected:
+        problems = []
+        if bad_missing:
+            problems.append(f"{len(bad_missing)} missing keys: {_first(bad_missing)}")
+        if bad_unexpected:
+            problems.append(f"{len(bad_unexpected)} unexpected keys: {_first(bad_unexpected)}")
+        raise WeightLoadError(f"{source} does not fit {type(model).__name__}: " + "; ".join(problems))
+    with torch.no_grad():
+        for key, value in state.items():
+            if key in expected:
+                expected[key].copy_(value.to(expected[key].dtype))
+    report = LoadReport(source, missing, unexpected)
+    if missing or unexpected:
+        logger.info(report.summary())
+    return report
+
+
+def save_pretrained(model: torch.nn.Module, directory: str | os.PathLike) -> None:
+    """Write ``config.yaml`` + ``model.safetensors`` atomically: a crash never leaves a half-written folder."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        model.config.to_yaml(staging / CONFIG_NAME)
+        state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+        save_file(state, str(staging / WEIGHTS_NAME), metadata={"format": "pt", "library": "blip2"})
+        if directory.exists():
+            backup = directory.with_name(f".{directory.name}.old")
+            shutil.rmtree(backup, ignore_errors=True)
+            directory.rename(backup)
+            staging.rename(directory)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            staging.rename(directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def load_pretrained(cls, name_or_path: str | os.PathLike, config=None, **kwargs):
+    """Build ``cls`` from a preset name, our folder, a Hugging Face BLIP-2 folder or a LAVIS ``.pth``."""
+    from blip2 import registry
+    from blip2.weights import adapters
+
+    name = str(name_or_path)
+    if name in registry.PRESETS:
+        preset = registry.get_preset(name)
+        if not preset.files:
+            model = cls(config or preset.config())
+            logger.info("preset %s has no weight files: random initialisation", name)
+            return model
+        message = registry.missing_files_message(preset)
+        if message:
+            raise FileNotFoundError(message)
+        path = preset.directory()
+    else:
+        path = Path(name).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{name!r} is neither an existing file or folder nor a preset; presets: {', '.join(registry.PRESETS)}"
+            )
+    adapter = adapters.detect(path)
+    config = config or adapter.read_config(path, **kwargs)
+    model = cls(config)
+    state = adapter.read_native_state(path, config, **kwargs)
+    report = load_into(
+        model, state, source=str(path),
+        allowed_missing=adapter.allowed_missing(model), allowed_unexpected=adapter.allowed_unexpected(model),
+    )
+    model.load_report = report
+    if hasattr(model, "apply_freezing"):
+        model.apply_freezing()
+    return model
