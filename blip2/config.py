@@ -41,7 +41,7 @@ class _ConfigBase:
         unknown = [k for k in data if k not in valid]
         if unknown:
             raise ConfigError(
-                f"unknown config key {prefix}{unknown[0]!r} for {cls.__name__}; valid keys: {', '.join(valid)}"
+                f"unknown config key '{prefix}{unknown[0]}' for {cls.__name__}; valid keys: {', '.join(valid)}"
             )
         kwargs: dict[str, Any] = {}
         for name, value in data.items():
@@ -210,7 +210,6 @@ class Blip2Config(_ConfigBase):
     def from_pretrained(cls, name_or_path: str | os.PathLike) -> "Blip2Config":
         """A preset name (see ``show_support_list``), one of our folders, or a Hugging Face BLIP-2 folder."""
         from blip2 import registry
-        from blip2.weights import hf
 
         name = str(name_or_path)
         if name in registry.PRESETS:
@@ -220,6 +219,8 @@ class Blip2Config(_ConfigBase):
             if (path / "config.yaml").is_file():
                 return cls.from_yaml(path / "config.yaml")
             if (path / "config.json").is_file():
+                from blip2.weights import hf
+
                 return hf.config_from_hf_folder(path)
             raise FileNotFoundError(f"{path} has neither config.yaml (blip2) nor config.json (Hugging Face)")
         raise FileNotFoundError(

@@ -1,0 +1,84 @@
+"""Configs: YAML round trip, errors that name the bad key, presets."""
+
+from __future__ import annotations
+
+import pytest
+
+from blip2 import Blip2Config, Blip2Qformer
+from blip2.config import ConfigError, QformerConfig, ViTConfig, set_by_path
+from blip2 import registry
+
+
+def test_yaml_round_trip_keeps_every_field(tmp_path):
+    config = Blip2Config(vision_config=ViTConfig(image_size=28, patch_size=7, hidden_size=16, num_attention_heads=2),
+                         qformer_config=QformerConfig(query_length=4), embed_dim=8, prompt="a photo of")
+    config.to_yaml(tmp_path / "c.yaml")
+    loaded = Blip2Config.from_yaml(tmp_path / "c.yaml")
+    assert loaded == config
+    assert loaded.vision_config.num_patches == 16
+
+
+def test_unknown_key_names_the_key_and_lists_valid_ones():
+    with pytest.raises(ConfigError, match=r"qformer_config\.query_lenght.*valid keys: hidden_size"):
+        Blip2Config.from_dict({"qformer_config": {"query_lenght": 4}})
+    with pytest.raises(ConfigError, match="'embedding_dim'"):
+        Blip2Config.from_dict({"embedding_dim": 4})
+
+
+def test_seed_type_keys_are_accepted_and_checked():
+    config = Blip2Config.from_dict({"type": "Blip2Config", "vision_config": {"type": "ViTConfig", "image_size": 28,
+                                                                           "patch_size": 14}})
+    assert config.vision_config.image_size == 28
+    with pytest.raises(ConfigError, match="does not match"):
+        Blip2Config.from_dict({"type": "LlamaConfig"})
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"vision_config": {"hidden_size": 30, "num_attention_heads": 4}}, r"num_attention_heads=4 must divide"),
+    ({"vision_config": {"image_size": 100, "patch_size": 14}}, r"patch_size=14 must divide"),
+    ({"qformer_config": {"vocab_size": 100}}, r"bos_token_id=30522 is outside"),
+    ({"compute_dtype": "float64"}, r"compute_dtype"),
+    ({"max_txt_len": 1000}, r"max_position_embeddings"),
+])
+def test_invalid_values_are_named(bad, message):
+    with pytest.raises(ConfigError, match=message):
+        Blip2Config.from_dict(bad)
+
+
+def test_set_by_path_overrides_existing_keys_only():
+    config = Blip2Config()
+    set_by_path(config, "qformer_config.query_length", "16")
+    set_by_path(config, "vision_config.layer_norm_eps", "1")
+    assert config.qformer_config.query_length == 16 and config.vision_config.layer_norm_eps == 1.0
+    with pytest.raises(ConfigError, match=r"qformer_config\.querys.*valid keys here"):
+        set_by_path(config, "qformer_config.querys", "3")
+
+
+def test_support_list_prints_and_returns_the_presets(capsys):
+    names = Blip2Qformer.show_support_list()
+    assert {"blip2_stage1_vit_g", "blip2_stage1_classification", "blip2_stage1_evaluator", "blip2_tiny"} <= set(names)
+    assert "blip2_stage1_vit_g" in capsys.readouterr().out
+
+
+def test_vit_g_preset_has_the_published_shapes():
+    config = Blip2Config.from_pretrained("blip2_stage1_vit_g")
+    vision, qformer = config.vision_config, config.qformer_config
+    assert (vision.image_size, vision.patch_size, vision.hidden_size, vision.num_hidden_layers) == (224, 14, 1408, 39)
+    assert (vision.intermediate_size, vision.num_attention_heads) == (6144, 16)
+    assert (qformer.hidden_size, qformer.num_hidden_layers, qformer.query_length, qformer.vocab_size) == (768, 12, 32,
+                                                                                                          30523)
+    assert config.embed_dim == 256 and qformer.bos_token_id == 30522
+
+
+def test_unknown_preset_lists_the_available_ones():
+    with pytest.raises(FileNotFoundError, match="presets: blip2_stage1_vit_g"):
+        Blip2Qformer.from_pretrained("blip2_stage1_vit_h")
+
+
+def test_preset_without_files_says_where_to_put_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("BLIP2_HOME", str(tmp_path))
+    with pytest.raises(FileNotFoundError) as error:
+        Blip2Qformer.from_pretrained("blip2_stage1_vit_g")
+    message = str(error.value)
+    assert str(tmp_path / "blip2_stage1_vit_g") in message
+    assert "model.safetensors" in message and "blip2 convert" in message
