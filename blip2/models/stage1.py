@@ -140,15 +140,13 @@ class Blip2Qformer(Blip2PreTrainedModel):
         """Image-grounded captioning: [DEC] replaces [CLS]; causal text that sees every query (cached K/V)."""
         decoder_ids = input_ids.clone()
         decoder_ids[:, 0] = self.config.qformer_config.bos_token_id
-        labels = decoder_ids.masked_fill(attention_mask == 0, -100)
         hidden = self.qformer(
             input_ids=decoder_ids, attention_mask=attention_mask, past_key_values=query_cache, causal=True
         ).last_hidden_state
-        logits = self.lm_head(hidden, self.qformer.embeddings.word_embeddings.weight)  # (B, L, V)
-        return F.cross_entropy(
-            logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100,
-            label_smoothing=LABEL_SMOOTHING,
-        )
+        # position t predicts token t + 1; only real (non-padding) targets reach the vocabulary projection
+        keep = attention_mask[:, 1:].bool()
+        logits = self.lm_head(hidden[:, :-1][keep], self.qformer.embeddings.word_embeddings.weight)  # (T, V)
+        return F.cross_entropy(logits.float(), decoder_ids[:, 1:][keep], label_smoothing=LABEL_SMOOTHING)
 
     def forward(
         self,

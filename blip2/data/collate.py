@@ -1,0 +1,64 @@
+"""Batch collation: image transforms and tokenization run here, inside the DataLoader workers.
+
+Items that a data set skipped (None: an unreadable image) are dropped and counted in ``num_skipped_in_batch``.
+A batch whose every item was skipped collates to None; the trainer skips such a batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+
+Item = dict[str, Any] | None
+ImageProcessor = Callable[..., dict[str, torch.Tensor]]  # (images, train=...) -> {"pixel_values": (B, 3, S, S)}
+
+
+class ImageTextCollator:
+    """Items ``dict(image, caption, index)`` -> pixel_values, input_ids, attention_mask, indices."""
+
+    def __init__(self, image_processor: ImageProcessor, tokenizer: Callable[..., Any], max_length: int = 32,
+                 train: bool = True, padding: str = "max_length") -> None:
+        self.image_processor = image_processor
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.train = train
+        self.padding = padding
+
+    def __call__(self, items: Sequence[Item]) -> dict[str, torch.Tensor | int] | None:
+        kept = [item for item in items if item is not None]
+        if not kept:
+            return None
+        seeds = [item["seed"] for item in kept] if "seed" in kept[0] else None  # per-item augmentation seeds
+        pixel_values = self.image_processor([item["image"] for item in kept], train=self.train,
+                                            seeds=seeds)["pixel_values"]
+        tokens = self.tokenizer([item["caption"] for item in kept], padding=self.padding, truncation=True,
+                                max_length=self.max_length, return_tensors="pt")
+        return {
+            "pixel_values": pixel_values,  # (B, 3, S, S)
+            "input_ids": tokens["input_ids"],  # (B, L)
+            "attention_mask": tokens["attention_mask"],  # (B, L)
+            "indices": torch.tensor([item["index"] for item in kept]),  # (B,)
+            "num_skipped_in_batch": len(items) - len(kept),
+        }
+
+
+class ImageCollator:
+    """Items ``dict(image, index[, label])`` -> pixel_values, indices (and labels when the items have them)."""
+
+    def __init__(self, image_processor: ImageProcessor, train: bool = False) -> None:
+        self.image_processor = image_processor
+        self.train = train
+
+    def __call__(self, items: Sequence[Item]) -> dict[str, torch.Tensor | int] | None:
+        kept = [item for item in items if item is not None]
+        if not kept:
+            return None
+        batch: dict[str, torch.Tensor | int] = {
+            "pixel_values": self.image_processor([item["image"] for item in kept], train=self.train)["pixel_values"],
+            "indices": torch.tensor([item["index"] for item in kept]),  # (B,)
+            "num_skipped_in_batch": len(items) - len(kept),
+        }
+        if "label" in kept[0]:
+            batch["labels"] = torch.tensor([item["label"] for item in kept])  # (B,)
+        return batch

@@ -1,0 +1,1 @@
+"""Training and evaluation: the Trainer, tasks, optimizer and schedule, checkpoints, distributed helpers, metrics."""

@@ -1,0 +1,27 @@
+"""Image transforms, caption cleaning, the Q-Former tokenizer and Blip2Processor."""
+
+from blip2.processing.image import (
+    PREPROCESSOR_CONFIG,
+    Blip2ImageProcessor,
+    ImageLoadError,
+    load_image,
+    random_resized_crop_params,
+)
+from blip2.processing.processor import Blip2Processor
+from blip2.processing.text import CaptionTransform, clean_caption, clean_question
+from blip2.processing.tokenizer import DEC_TOKEN, DEFAULT_VOCAB_FILE, load_tokenizer
+
+__all__ = [
+    "PREPROCESSOR_CONFIG",
+    "Blip2ImageProcessor",
+    "ImageLoadError",
+    "load_image",
+    "random_resized_crop_params",
+    "Blip2Processor",
+    "CaptionTransform",
+    "clean_caption",
+    "clean_question",
+    "DEC_TOKEN",
+    "DEFAULT_VOCAB_FILE",
+    "load_tokenizer",
+]
