@@ -66,7 +66,8 @@ def _tiny() -> Blip2Config:
 
 _LAVIS_STAGE1 = (
     "convert the LAVIS release: blip2 convert --from lavis --input blip2_pretrained.pth --vit eva_vit_g.pth "
-    "--output {dir}   (or a Hugging Face folder: blip2 convert --from hf --input blip2-itm-vit-g/ --output {dir})"
+    "--config blip2_stage1_vit_g --output {dir}   (or a Hugging Face folder: blip2 convert --from hf "
+    "--input blip2-itm-vit-g/ --output {dir})"
 )
 
 PRESETS: dict[str, Preset] = {

@@ -252,24 +252,29 @@ class Trainer:
         window = {"images": 0, "time": time.perf_counter(), "sums": {}, "count": 0}
         last_metrics: dict[str, float] = {}
 
+        saved_at = [-1]
+
         def save(final: bool = False) -> None:
+            if saved_at[0] == self.global_step and not final:
+                return
             state = {"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                      "scaler": scaler.state_dict(), "step": self.global_step, "epoch": epoch,
                      "batches_in_epoch": batches_done, "num_skipped": self.num_skipped,
                      "config": self.config.to_dict()}
             if batches_done >= batches_per_epoch:
                 state["epoch"], state["batches_in_epoch"] = epoch + 1, 0
-            path = ckpt.save_checkpoint(self.output_dir, self.global_step, raw_model, state, runner.save_total_limit)
+            if saved_at[0] != self.global_step:
+                path = ckpt.save_checkpoint(self.output_dir, self.global_step, raw_model, state,
+                                            runner.save_total_limit)
+                saved_at[0] = self.global_step
+                logger.info("saved checkpoint %s", path)
             if final and self.is_main:
                 raw_model.save_pretrained(self.output_dir / "model")
-            logger.info("saved checkpoint %s", path)
 
         epoch, batches_done = start_epoch, skip_batches
         try:
             model.train()
             for epoch in range(start_epoch, runner.epochs if runner.max_steps <= 0 else 10**9):
-                if self.global_step >= total_steps:
-                    break
                 seeded.epoch = epoch
                 skip = skip_batches if epoch == start_epoch else 0
                 sampler.set_epoch(epoch, skip=skip * batch_size)
@@ -312,6 +317,8 @@ class Trainer:
                         save()
                     if self.global_step >= total_steps:
                         break
+                if self.global_step >= total_steps:
+                    break
             save(final=True)
         except KeyboardInterrupt:
             logger.warning("interrupted at step %d: saving a checkpoint before stopping", self.global_step)

@@ -1,14 +1,17 @@
 """Format detection: which adapter reads a given path. Each adapter module offers
-``detect(path)``, ``read_config(path)``, ``read_native_state(path, config)``, ``allowed_missing(model)`` and
-``allowed_unexpected(model)``."""
+``detect(path)``, ``read_config(path, **kw)``, ``read_native_state(path, config, **kw) -> (state, dropped keys)``,
+``allowed_missing(model)`` and ``allowed_unexpected(model)``.
+
+Order: the folder formats first (a look at one file), then LAVIS (opens the checkpoint to find its sentinel keys).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from blip2.weights import native
+from blip2.weights import hf, lavis, native
 
-ADAPTERS = [native]
+ADAPTERS = [native, hf, lavis]
 
 
 def register(adapter) -> None:
@@ -22,5 +25,6 @@ def detect(path: Path):
             return adapter
     raise ValueError(
         f"cannot tell the checkpoint format of {path}: expected one of our folders (config.yaml + model.safetensors), "
-        "a Hugging Face BLIP-2 folder (config.json) or a LAVIS .pth file"
+        "a Hugging Face BLIP-2 folder (config.json) or a LAVIS .pth file (an EVA eva_vit_g.pth alone is not a "
+        "model: pass it as vit_checkpoint= along with the LAVIS checkpoint)"
     )

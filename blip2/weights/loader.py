@@ -1,8 +1,9 @@
 """The one checkpoint loader: find the source, pick its format adapter, translate keys, load strictly.
 
-Every adapter turns a foreign state dict into our key names (``to_native``). Loading then checks every key:
-wrong shapes, missing keys and unexpected keys raise one ``WeightLoadError`` that names them (counts and the first
-few), except keys an adapter declares as expected to be absent (``allowed_missing``).
+Every adapter turns a foreign state dict into our key names (``read_native_state``), returning the source keys it
+dropped on purpose alongside. Loading then checks every key: wrong shapes, missing keys and unexpected keys raise one
+``WeightLoadError`` that names them (counts and the first few), except keys an adapter declares as expected to be
+absent (``allowed_missing``) or unused (``allowed_unexpected``). The ``LoadReport`` lists all of those by name.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class WeightLoadError(RuntimeError):
 class LoadReport:
     source: str
     missing: list[str] = field(default_factory=list)  # allowed to be missing (declared by the adapter)
-    unexpected: list[str] = field(default_factory=list)  # dropped on purpose (declared by the adapter)
+    unexpected: list[str] = field(default_factory=list)  # checkpoint keys unused on purpose (declared by the adapter)
 
     def summary(self) -> str:
         parts = [f"loaded {self.source}"]
@@ -78,8 +79,12 @@ def load_into(
     source: str,
     allowed_missing: Iterable[str] = (),
     allowed_unexpected: Iterable[str] = (),
+    dropped: Iterable[str] = (),
 ) -> LoadReport:
-    """Copy ``state`` (our key names) into ``model``; anything that does not fit raises, naming the keys."""
+    """Copy ``state`` (our key names) into ``model``; anything that does not fit raises, naming the keys.
+
+    ``dropped`` are source keys the adapter left out on purpose before translating; the report lists them as unused.
+    """
     expected = model.state_dict()
     allowed_missing, allowed_unexpected = list(allowed_missing), list(allowed_unexpected)
     mismatched = [
@@ -104,8 +109,8 @@ def load_into(
         for key, value in state.items():
             if key in expected:
                 expected[key].copy_(value.to(expected[key].dtype))
-    report = LoadReport(source, missing, unexpected)
-    if missing or unexpected:
+    report = LoadReport(source, missing, unexpected + list(dropped))
+    if report.missing or report.unexpected:
         logger.info(report.summary())
     return report
 
@@ -153,13 +158,18 @@ def load_pretrained(cls, name_or_path: str | os.PathLike, config=None, **kwargs)
             raise FileNotFoundError(
                 f"{name!r} is neither an existing file or folder nor a preset; presets: {', '.join(registry.PRESETS)}"
             )
-    adapter = adapters.detect(path)
+    return load_with_adapter(cls, adapters.detect(path), path, config=config, **kwargs)
+
+
+def load_with_adapter(cls, adapter, path: Path, config=None, **kwargs):
+    """Build ``cls`` from ``path`` read by ``adapter``; the config comes from the source unless one is given."""
     config = config or adapter.read_config(path, **kwargs)
     model = cls(config)
-    state = adapter.read_native_state(path, config, **kwargs)
+    state, dropped = adapter.read_native_state(path, config, **kwargs)
     report = load_into(
         model, state, source=str(path),
         allowed_missing=adapter.allowed_missing(model), allowed_unexpected=adapter.allowed_unexpected(model),
+        dropped=dropped,
     )
     model.load_report = report
     if hasattr(model, "apply_freezing"):

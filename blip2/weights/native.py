@@ -20,11 +20,11 @@ def read_config(path: Path, **_) -> Blip2Config:
     return Blip2Config.from_yaml(path / CONFIG_NAME)
 
 
-def read_native_state(path: Path, config: Blip2Config, **_) -> dict[str, torch.Tensor]:
+def read_native_state(path: Path, config: Blip2Config, **_) -> tuple[dict[str, torch.Tensor], list[str]]:
     weights = path / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"{path} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
-    return read_state_dict(weights)
+    return read_state_dict(weights), []
 
 
 def allowed_missing(model) -> list[str]:

@@ -1,0 +1,67 @@
+"""``blip2 convert``: turn a LAVIS checkpoint or a Hugging Face BLIP-2 folder into one of our folders.
+
+    blip2 convert --from lavis --input blip2_pretrained.pth --vit eva_vit_g.pth --config blip2_stage1_vit_g --output D
+    blip2 convert --from hf --input blip2-itm-vit-g/ --output D
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import sys
+from pathlib import Path
+
+from blip2.config import Blip2Config
+from blip2.models import Blip2Qformer
+from blip2.weights import hf, lavis
+from blip2.weights.loader import load_with_adapter
+
+FORMATS = {"lavis": lavis, "hf": hf}
+_DESCRIPTIONS = {"lavis": "a LAVIS checkpoint (.pth)", "hf": "a Hugging Face BLIP-2 folder (config.json)"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--from", dest="source_format", required=True, choices=sorted(FORMATS),
+                        help="the checkpoint format of --input")
+    parser.add_argument("--input", required=True, type=Path, help="LAVIS .pth file or Hugging Face folder")
+    parser.add_argument("--output", required=True, type=Path, help="folder to write config.yaml + model.safetensors")
+    parser.add_argument("--config", help="Blip2Config YAML file or preset name (required for LAVIS)")
+    parser.add_argument("--vit", type=Path, help="eva_vit_g.pth, for LAVIS checkpoints saved without the ViT")
+
+
+def _config(spec: str) -> Blip2Config:
+    if Path(spec).is_file():
+        return Blip2Config.from_yaml(spec)
+    return Blip2Config.from_pretrained(spec)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Convert as ``args`` say; a problem is one line on stderr and exit status 2."""
+    try:
+        if not args.input.exists():
+            raise FileNotFoundError(f"--input {args.input} does not exist")
+        adapter = FORMATS[args.source_format]
+        if not adapter.detect(args.input):
+            raise ValueError(f"--input {args.input} is not {_DESCRIPTIONS[args.source_format]}")
+        if args.source_format == "lavis" and args.config is None:
+            raise ValueError(
+                "--from lavis needs --config (a YAML file or a preset name): LAVIS checkpoints carry no config"
+            )
+        if args.vit is not None and args.source_format != "lavis":
+            raise ValueError("--vit is for --from lavis only")
+        config = _config(args.config) if args.config else None
+        kwargs = {"vit_checkpoint": args.vit} if args.source_format == "lavis" else {}
+        model = load_with_adapter(Blip2Qformer, adapter, args.input, config=config, **kwargs)
+        model.save_pretrained(args.output)
+    except (OSError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"blip2 convert: error: {' '.join(str(message).split())}", file=sys.stderr)
+        return 2
+    print(f"{model.load_report.summary()}; wrote {args.output}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="blip2 convert", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
