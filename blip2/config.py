@@ -34,10 +34,11 @@ class _ConfigBase:
         """Build from a plain dict; an unknown key raises ConfigError naming it."""
         data = dict(data or {})
         prefix = f"{where}." if where else ""
-        type_name = data.pop("type", None)
-        if type_name is not None and type_name != cls.__name__:
-            raise ConfigError(f"{prefix}type={type_name!r} does not match {cls.__name__}")
         valid = [f.name for f in fields(cls)]  # type: ignore[arg-type]
+        if "type" not in valid:  # the seed's `type: Blip2Config` marker names the class
+            type_name = data.pop("type", None)
+            if type_name is not None and type_name != cls.__name__:
+                raise ConfigError(f"{prefix}type={type_name!r} does not match {cls.__name__}")
         unknown = [k for k in data if k not in valid]
         if unknown:
             raise ConfigError(

@@ -75,6 +75,9 @@ class DatasetConfig(_ConfigBase):
 class ModelSection(_ConfigBase):
     model_config: Blip2Config = field(default_factory=Blip2Config)
     arch: dict[str, Any] = field(default_factory=lambda: {"type": "Blip2Qformer"})
+    # fresh stage-1 training starts from these (the seed's vit_g_p16 and bert_base_uncased checkpoints)
+    vit_checkpoint: str | None = None  # EVA eva_vit_g.pth
+    bert_checkpoint: str | None = None  # a Hugging Face bert-base-uncased folder: initialises the Q-Former
 
     _nested = {"model_config": Blip2Config}
 

@@ -6,6 +6,7 @@ Names are the seed's: ``contrastive_language_image_pretrain`` (stage-1 training;
 
 from __future__ import annotations
 
+import os
 from typing import Any, Sequence
 
 import torch
@@ -105,6 +106,28 @@ class RetrievalTask(Task):
                                              batch_size=trainer.eval_batch_size * 4, add_itm=add_itm,
                                              progress=trainer.is_main)
         return retrieval_metrics(score_i2t.cpu(), score_t2i.cpu(), dataset.img2txt, dataset.txt2img)
+
+    def predict(self, trainer, input_data, candidate_texts: Sequence[str] | None = None, top_k: int | None = 3,
+                num_beams: int = 3, max_length: int = 30, min_length: int = 1, **_) -> list[dict[str, Any]]:
+        """For each image: a caption from the Q-Former's LM head and the best-matching candidate texts (ITC
+        similarity; the candidates default to the eval set's captions)."""
+        model = distributed.unwrap(trainer.model).eval()
+        images = list(input_data) if isinstance(input_data, (list, tuple)) else [input_data]
+        pixel_values = trainer.image_processor(images)["pixel_values"].to(trainer.device)
+        with torch.no_grad(), trainer.autocast():
+            caption_ids = model.generate(pixel_values, num_beams=num_beams, max_length=max_length,
+                                         min_length=min_length)
+            image_feats = model.get_image_features(pixel_values).float()
+        captions = [text.strip() for text in trainer.tokenizer.batch_decode(caption_ids, skip_special_tokens=True)]
+        texts = list(candidate_texts or getattr(trainer.eval_dataset, "texts", None) or [])
+        results = [{"image": str(image) if isinstance(image, (str, os.PathLike)) else f"image {index}",
+                    "caption": caption} for index, (image, caption) in enumerate(zip(images, captions))]
+        if texts and top_k:
+            text_feats = encode_texts(model, trainer.tokenizer, texts, trainer.text_max_length, trainer.device)[0]
+            scores, order = model.similarity(image_feats, text_feats).topk(min(top_k, len(texts)), dim=1)
+            for result, row_scores, row_order in zip(results, scores.tolist(), order.tolist()):
+                result["retrieved"] = [{"text": texts[i], "score": s} for s, i in zip(row_scores, row_order)]
+        return results
 
 
 class PretrainTask(RetrievalTask):

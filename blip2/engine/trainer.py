@@ -135,10 +135,29 @@ class Trainer:
         if source:
             return Blip2Qformer.from_pretrained(source, config=model_config)
         if model_config is not None:
-            return Blip2Qformer(model_config)
+            model = Blip2Qformer(model_config)
+            self._initialise_from_parts(model)
+            return model
         if cfg.trainer.model_name:
             return Blip2Qformer.from_pretrained(cfg.trainer.model_name)
         raise ValueError("no model: pass model=, or set load_checkpoint, model.model_config or trainer.model_name")
+
+    def _initialise_from_parts(self, model) -> None:
+        """A fresh stage-1 model: the ViT from an EVA checkpoint, the Q-Former from BERT (as LAVIS starts)."""
+        from blip2.weights import load_into
+        from blip2.weights.bert import init_qformer_from_bert
+        from blip2.weights.eva import read_vit_state
+
+        section = self.config.model
+        if section.vit_checkpoint:
+            state, dropped = read_vit_state(section.vit_checkpoint, model.config)
+            load_into(model, state, source=section.vit_checkpoint, allowed_missing=["*"], dropped=dropped)
+            logger.info("ViT loaded from %s", section.vit_checkpoint)
+        if section.bert_checkpoint:
+            report = init_qformer_from_bert(model, section.bert_checkpoint)
+            logger.info("Q-Former initialised from %s; %d tensors start fresh", section.bert_checkpoint,
+                        len(report.missing))
+        model.apply_freezing()
 
     @property
     def model_config(self) -> Blip2Config:

@@ -126,6 +126,9 @@ class Blip2Qformer(Blip2PreTrainedModel):
         text_ids_all = gather.all_gather(input_ids)  # (B*W, L)
         text_mask_all = gather.all_gather(attention_mask)
         image_embeds_all = gather.all_gather_with_grad(image_embeds)  # (B*W, N, D_img)
+        if text_ids_all.shape[1] > input_ids.shape[1]:  # other processes padded their captions longer
+            padding = (0, text_ids_all.shape[1] - input_ids.shape[1])
+            input_ids, attention_mask = F.pad(input_ids, padding), F.pad(attention_mask, padding)
         negative_image = self._hard_negative_index(sim_t2i, gather.rank)  # for each text
         negative_text = self._hard_negative_index(sim_i2t, gather.rank)  # for each image
         itm_ids = torch.cat((input_ids, input_ids, text_ids_all[negative_text]), dim=0)  # (3B, L)

@@ -1,0 +1,5 @@
+import sys
+
+from blip2.cli import main
+
+sys.exit(main())

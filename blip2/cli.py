@@ -1,0 +1,141 @@
+"""``blip2`` command line: run | convert | demo. Thin: parse, build the config, call the library.
+
+    blip2 run --config configs/blip2/run_blip2_quickstart.yaml --run_mode train
+    torchrun --nproc_per_node 2 -m blip2 run --config ... --run_mode train
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import os
+
+from blip2.config import ConfigError, set_by_path
+from blip2.engine.trainer import NonFiniteLossError
+from blip2.weights import WeightLoadError
+
+# problems with the user's input: one line and exit status 2 (BLIP2_DEBUG=1 shows the traceback)
+USER_ERRORS = (ConfigError, FileNotFoundError, ValueError, KeyError, WeightLoadError, NonFiniteLossError)
+
+
+def _run_parser(sub) -> None:
+    run = sub.add_parser("run", help="train, evaluate or predict from a run YAML")
+    run.add_argument("--config", required=True, help="run YAML (configs/blip2/...)")
+    run.add_argument("--run_mode", choices=("train", "eval", "predict"), help="overrides the YAML's run_mode")
+    run.add_argument("--train_dataset_dir", help="replaces train_dataset.data_loader.dataset_dir")
+    run.add_argument("--eval_dataset_dir", help="replaces eval_dataset.data_loader.dataset_dir")
+    run.add_argument("--predict_data", nargs="+", help="images (files or folders) for --run_mode predict")
+    run.add_argument("--load_checkpoint", help="weights: a preset, our folder, a Hugging Face folder, a LAVIS .pth")
+    run.add_argument("--output_dir")
+    run.add_argument("--device", choices=("cpu", "cuda", "auto"))
+    run.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.SUB=VALUE",
+                     help="override any config key (repeatable), e.g. runner_config.batch_size=16")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="blip2", description="BLIP-2: train, evaluate and run the model")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _run_parser(sub)
+    from blip2.weights import convert
+
+    convert.add_arguments(sub.add_parser("convert", help="turn LAVIS / Hugging Face weights into our folder"))
+    demo = sub.add_parser("demo", help="generate data, train the quickstart model, evaluate, show predictions")
+    demo.add_argument("--output_dir", default="blip2_demo")
+    demo.add_argument("--steps", type=int, default=None, help="training steps (default: the quickstart config's)")
+    demo.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
+    return parser
+
+
+def _image_paths(items: list[str]) -> list[str]:
+    from blip2.data.classification import IMAGE_EXTENSIONS
+
+    paths: list[str] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            paths += sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        elif path.is_file():
+            paths.append(str(path))
+        else:
+            raise FileNotFoundError(f"--predict_data: {path} does not exist")
+    if not paths:
+        raise FileNotFoundError(f"--predict_data: no images found in {', '.join(items)}")
+    return paths
+
+
+def load_run_config(args: argparse.Namespace):
+    """The YAML, then the flags, then ``--set`` overrides, all applied to the same dataclasses."""
+    from blip2.engine.run_config import DatasetConfig, RunConfig
+
+    config = RunConfig.from_yaml(args.config)
+    if args.run_mode:
+        config.run_mode = args.run_mode
+    for flag, section in (("train_dataset_dir", "train_dataset"), ("eval_dataset_dir", "eval_dataset")):
+        value = getattr(args, flag)
+        if value:
+            if getattr(config, section) is None:
+                setattr(config, section, DatasetConfig())
+            getattr(config, section).data_loader.dataset_dir = value
+    for flag in ("load_checkpoint", "output_dir", "device"):
+        if getattr(args, flag):
+            setattr(config, flag, getattr(args, flag))
+    if args.resume:
+        config.resume = True
+    for override in args.overrides:
+        key, sep, value = override.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {override!r}: expected KEY.SUB=VALUE")
+        set_by_path(config, key.strip(), value)
+    config.__post_init__()
+    return config
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from blip2.engine.trainer import Trainer
+
+    config = load_run_config(args)
+    trainer = Trainer(config=config)
+    if config.run_mode == "train":
+        trainer.train()
+        if trainer.eval_dataset is not None:
+            trainer.evaluate()
+    elif config.run_mode == "eval":
+        trainer.evaluate()
+    else:
+        if not args.predict_data:
+            raise ValueError("--run_mode predict needs --predict_data IMAGE [IMAGE ...]")
+        predictions = trainer.predict(input_data=_image_paths(args.predict_data))
+        if trainer.is_main:
+            trainer.output_dir.mkdir(parents=True, exist_ok=True)
+            (trainer.output_dir / "predictions.json").write_text(json.dumps(predictions, indent=2) + "\n")
+            print(json.dumps(predictions, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "convert":
+        from blip2.weights import convert
+
+        return convert.run(args)
+    try:
+        if args.command == "run":
+            return cmd_run(args)
+        from blip2.demo import run_demo
+
+        return run_demo(args.output_dir, steps=args.steps, device=args.device)
+    except USER_ERRORS as error:
+        if os.environ.get("BLIP2_DEBUG"):
+            raise
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"blip2: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""``pipeline(task, model=...)``: inference on raw images and strings with a stage-1 model.
+
+Tasks: ``zero_shot_image_classification`` (softmax over candidate labels) and ``image_text_retrieval`` (ITC ranking
+re-ranked by ITM, as retrieval evaluation does; with only images or only texts it returns features, so
+``feature_extraction`` is the same pipeline). The scoring itself lives in ``blip2.engine.tasks`` and
+``blip2.engine.retrieval``; this module loads images, batches them and formats the results.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from blip2 import registry
+from blip2.engine.retrieval import rerank_scores
+from blip2.engine.tasks import DEFAULT_TEMPLATE, encode_texts, label_features, ranked_labels, zero_shot_logits
+from blip2.models import Blip2Qformer
+from blip2.processing import Blip2ImageProcessor, Blip2Processor, clean_caption, load_tokenizer
+from blip2.processing.image import ImageInput
+
+MAX_CACHED_LABEL_SETS = 16
+
+
+def _as_list(items: Any) -> tuple[list, bool]:
+    """(items as a list, whether a single item was given): a list or tuple is a batch, anything else one item."""
+    if isinstance(items, (list, tuple)):
+        return list(items), False
+    return [items], True
+
+
+def _check_top_k(top_k: int | None) -> None:
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k={top_k!r} must be a positive int or None")
+
+
+class _Pipeline:
+    """Holds the model (in eval mode, on ``device``), the processor, and the autocast policy."""
+
+    def __init__(self, model: Blip2Qformer, processor: Blip2Processor, device: torch.device,
+                 batch_size: int = 8) -> None:
+        self.model = model.to(device).eval()
+        self.processor = processor
+        self.device = device
+        self.batch_size = batch_size
+
+    def autocast(self):
+        """bf16/fp16 autocast on CUDA per ``model.config.compute_dtype``; CPU runs in float32."""
+        dtype = self.model.config.compute_dtype
+        if self.device.type != "cuda" or dtype == "float32":
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=getattr(torch, dtype))
+
+    def _pixel_batches(self, images: list[ImageInput], batch_size: int):
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        for start in range(0, len(images), batch_size):
+            pixels = self.processor.image_processor(images[start : start + batch_size])["pixel_values"]
+            yield pixels.to(self.device)  # (b, 3, S, S)
+
+
+class ZeroShotImageClassificationPipeline(_Pipeline):
+    """Images -> candidate labels ranked by softmax(max-over-queries cosine / temp), as ``[{"score", "label"}]``."""
+
+    task = "zero_shot_image_classification"
+
+    def __init__(self, model: Blip2Qformer, processor: Blip2Processor, device: torch.device,
+                 candidate_labels: Sequence[str] | None = None,
+                 hypothesis_template: str | Sequence[str] = DEFAULT_TEMPLATE, top_k: int | None = None,
+                 batch_size: int = 8) -> None:
+        super().__init__(model, processor, device, batch_size)
+        _check_top_k(top_k)
+        self.candidate_labels = list(candidate_labels) if candidate_labels is not None else None
+        self.hypothesis_template = hypothesis_template
+        self.top_k = top_k
+        self._label_cache: dict[tuple[tuple[str, ...], tuple[str, ...]], torch.Tensor] = {}
+
+    @torch.no_grad()
+    def label_features(self, labels: Sequence[str], templates: str | Sequence[str]) -> torch.Tensor:
+        """Normalized (C, E) label features, averaged over templates; cached per (labels, templates)."""
+        key = (tuple(labels), (templates,) if isinstance(templates, str) else tuple(templates))
+        if key not in self._label_cache:
+            if len(self._label_cache) >= MAX_CACHED_LABEL_SETS:
+                self._label_cache.pop(next(iter(self._label_cache)))  # the oldest entry
+            with self.autocast():
+                self._label_cache[key] = label_features(self.model, self.processor.tokenizer, key[0], key[1],
+                                                        self.processor.max_length, self.device)
+        return self._label_cache[key]
+
+    @torch.no_grad()
+    def __call__(self, images: ImageInput | Sequence[ImageInput], candidate_labels: Sequence[str] | None = None,
+                 hypothesis_template: str | Sequence[str] | None = None, top_k: int | None = None,
+                 batch_size: int | None = None) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
+        """One image -> a ranked list of ``{"score", "label"}``; a list of images -> a list of such lists."""
+        labels = candidate_labels if candidate_labels is not None else self.candidate_labels
+        if isinstance(labels, str):
+            labels = [labels]
+        if not labels:
+            raise ValueError(f"{self.task} needs candidate_labels: give them to pipeline(...) or to the call")
+        labels = list(labels)
+        templates = hypothesis_template if hypothesis_template is not None else self.hypothesis_template
+        if not isinstance(templates, str) and not templates:
+            raise ValueError("hypothesis_template must be a string or a non-empty list of strings")
+        top_k = top_k if top_k is not None else self.top_k
+        _check_top_k(top_k)
+        batch, single = _as_list(images)
+        label_feats = self.label_features(labels, templates)  # (C, E)
+        results: list[list[dict[str, Any]]] = []
+        for pixel_values in self._pixel_batches(batch, batch_size or self.batch_size):
+            with self.autocast():
+                image_feats = self.model.get_image_features(pixel_values).float()  # (b, Q, E)
+            probs = zero_shot_logits(self.model, image_feats, label_feats).softmax(-1).cpu()  # (b, C)
+            results.extend(ranked_labels(probs, labels, top_k))
+        return results[0] if single else results
+
+
+class ImageTextRetrievalPipeline(_Pipeline):
+    """Images and texts -> both rankings (ITC, re-ranked by ITM); images or texts alone -> their features."""
+
+    task = "image_text_retrieval"
+
+    @torch.no_grad()
+    def encode_images(self, images: list[ImageInput], batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Query features (N, Q, E) in float32 and ln_vision(ViT) outputs (N, T, D) for ITM."""
+        feats, embeds = [], []
+        for pixel_values in self._pixel_batches(images, batch_size):
+            with self.autocast():
+                image_embeds = self.model.encode_image(pixel_values)  # (b, T, D)
+                query_hidden = self.model.query_forward(image_embeds).last_hidden_state  # (b, Q, D)
+                feats.append(self.model.image_feats(query_hidden).float())
+            embeds.append(image_embeds)
+        return torch.cat(feats), torch.cat(embeds)
+
+    @torch.no_grad()
+    def encode_texts(self, texts: list[str], batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Cleaned as retrieval captions are (``clean_caption``): features (N, E), ids and masks (N, L)."""
+        if not all(isinstance(text, str) for text in texts):
+            raise TypeError("texts must be strings")
+        with self.autocast():
+            return encode_texts(self.model, self.processor.tokenizer, [clean_caption(t) for t in texts],
+                                self.processor.max_length, self.device, batch_size=batch_size)
+
+    @torch.no_grad()
+    def __call__(self, images: ImageInput | Sequence[ImageInput] | None = None,
+                 texts: str | Sequence[str] | None = None, top_k: int | None = 5, rerank: bool = True,
+                 k_test: int = 128, batch_size: int | None = None
+                 ) -> dict[str, list] | list[torch.Tensor] | torch.Tensor:
+        """Both given: ``{"image_to_text": [[{"index", "text", "score"}]], "text_to_image": [[{"index", "score"}]]}``,
+        one ranked list per image / per text, best first (``top_k=None``: all).
+
+        With ``rerank`` the ``k_test`` best ITC candidates are re-scored as ITM match logit + ITC cosine, exactly as
+        retrieval evaluation does, and a list holds only those. Only images: a (Q, E) feature per image; only texts:
+        an (E,) feature per text (one tensor, not a list, for a single input).
+        """
+        if images is None and texts is None:
+            raise ValueError(f"{self.task} needs images, texts or both")
+        _check_top_k(top_k)
+        if not isinstance(k_test, int) or k_test < 1:
+            raise ValueError(f"k_test={k_test!r} must be a positive int")
+        batch_size = batch_size or self.batch_size
+        image_list, single_image = _as_list(images) if images is not None else ([], False)
+        text_list, single_text = _as_list(texts) if texts is not None else ([], False)
+        if (images is not None and not image_list) or (texts is not None and not text_list):
+            raise ValueError("empty images or texts list")
+        if texts is None:
+            image_feats = self.encode_images(image_list, batch_size)[0].cpu()
+            return image_feats[0] if single_image else list(image_feats)
+        if images is None:
+            text_feats = self.encode_texts(text_list, batch_size)[0].cpu()
+            return text_feats[0] if single_text else list(text_feats)
+
+        image_feats, image_embeds = self.encode_images(image_list, batch_size)
+        text_feats, text_ids, text_mask = self.encode_texts(text_list, batch_size)
+        sims = self.model.similarity(image_feats, text_feats)  # (N_img, N_txt)
+        if rerank:
+            def itm_fn(embeds, ids, masks):
+                with self.autocast():
+                    return self.model.itm_logits_from_embeds(embeds, ids, masks)
+
+            # pairs per ITM call: images are cheap to repeat once encoded, so batch well beyond batch_size
+            score_i2t, score_t2i = rerank_scores(itm_fn, sims, image_embeds, text_ids, text_mask, k_test,
+                                                 batch_size=batch_size * 16)
+            limit = k_test if top_k is None else min(top_k, k_test)
+        else:
+            score_i2t, score_t2i = sims, sims.t()
+            limit = top_k
+        image_to_text = [[{"index": i, "text": text_list[i], "score": s} for i, s in ranking]
+                         for ranking in _rank_rows(score_i2t, limit)]
+        text_to_image = [[{"index": i, "score": s} for i, s in ranking] for ranking in _rank_rows(score_t2i, limit)]
+        return {"image_to_text": image_to_text, "text_to_image": text_to_image}
+
+
+def _rank_rows(scores: torch.Tensor, limit: int | None) -> list[list[tuple[int, float]]]:
+    """Per row, (column, score) pairs of the ``limit`` best columns, best first (ties: lower index first)."""
+    k = scores.shape[1] if limit is None else min(limit, scores.shape[1])
+    values, index = scores.float().cpu().sort(dim=1, descending=True, stable=True)
+    return [list(zip(row_index[:k], row_values[:k])) for row_index, row_values in zip(index.tolist(), values.tolist())]
+
+
+PIPELINES: dict[str, type[_Pipeline]] = {
+    ZeroShotImageClassificationPipeline.task: ZeroShotImageClassificationPipeline,
+    ImageTextRetrievalPipeline.task: ImageTextRetrievalPipeline,
+    "feature_extraction": ImageTextRetrievalPipeline,
+}
+
+
+def default_processor(model: Blip2Qformer, source: str | os.PathLike | None = None) -> Blip2Processor:
+    """The processor saved with ``source`` (a preset or a folder) if any, else one built from the model's config."""
+    if source is not None and (str(source) in registry.PRESETS or Path(source).is_dir()):
+        with contextlib.suppress(FileNotFoundError):
+            return Blip2Processor.from_pretrained(source)
+    config = model.config
+    preset = registry.PRESETS.get(config.checkpoint_name_or_path or "")
+    stats = (preset.image_mean, preset.image_std) if preset is not None else ()  # else CLIP's, the default
+    image_processor = Blip2ImageProcessor(config.vision_config.image_size, *stats)
+    return Blip2Processor(image_processor, load_tokenizer(), config.max_txt_len)
+
+
+def pipeline(task: str, model: Blip2Qformer | str | os.PathLike | None = None,
+             processor: Blip2Processor | None = None, device: str | torch.device | None = None,
+             **kwargs) -> _Pipeline:
+    """A callable for ``task`` with ``model`` (a Blip2Qformer, a preset name or a path ``from_pretrained`` reads).
+
+    ``processor`` defaults to the one for the model; ``device`` to the model's. Other keyword arguments are the
+    pipeline's defaults (``candidate_labels``, ``hypothesis_template``, ``top_k``, ``batch_size``, ...).
+    """
+    if task not in PIPELINES:
+        raise ValueError(f"unknown task {task!r}; available tasks: {', '.join(PIPELINES)}")
+    if model is None:
+        raise ValueError(f"pipeline({task!r}) needs model=: a Blip2Qformer, a preset name "
+                         f"({', '.join(registry.names('stage1'))}) or a path")
+    source = None
+    if isinstance(model, (str, os.PathLike)):
+        source, model = model, Blip2Qformer.from_pretrained(model)
+    if not isinstance(model, Blip2Qformer):
+        raise TypeError(f"{task} needs a Blip2Qformer (stage-1) model, got {type(model).__name__}")
+    if processor is None:
+        processor = default_processor(model, source)
+    device = torch.device(device) if device is not None else model.device
+    return PIPELINES[task](model, processor, device, **kwargs)
