@@ -133,10 +133,15 @@ class Trainer:
         model_config = cfg.model.model_config if cfg.model is not None else None
         source = cfg.load_checkpoint or (model_config.checkpoint_name_or_path if model_config else None)
         if source:
-            return Blip2Qformer.from_pretrained(source, config=model_config)
+            # folders and presets carry their own config; a LAVIS .pth has none, so the YAML's model_config serves
+            carries_config = not str(source).endswith((".pth", ".pt", ".bin"))
+            return Blip2Qformer.from_pretrained(source, config=None if carries_config else model_config)
         if model_config is not None:
             model = Blip2Qformer(model_config)
             self._initialise_from_parts(model)
+            if model_config.freeze_vision and not (cfg.model.vit_checkpoint or cfg.load_checkpoint):
+                logger.warning("the frozen ViT has random weights: set model.vit_checkpoint (eva_vit_g.pth) or "
+                               "load_checkpoint to start from pretrained weights")
             return model
         if cfg.trainer.model_name:
             return Blip2Qformer.from_pretrained(cfg.trainer.model_name)
