@@ -182,7 +182,7 @@ class ImageTextRetrievalPipeline(_Pipeline):
 
             # pairs per ITM call: images are cheap to repeat once encoded, so batch well beyond batch_size
             score_i2t, score_t2i = rerank_scores(itm_fn, sims, image_embeds, text_ids, text_mask, k_test,
-                                                 batch_size=batch_size * 16)
+                                                 batch_size=batch_size * 16, split_across_ranks=False)
             limit = k_test if top_k is None else min(top_k, k_test)
         else:
             score_i2t, score_t2i = sims, sims.t()

@@ -23,16 +23,18 @@ def rerank_scores(
     batch_size: int = 128,
     add_itm: bool = True,
     progress: bool = False,
+    split_across_ranks: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Re-ranked (N_img, N_txt) image->text and (N_txt, N_img) text->image scores.
 
     ``itm_fn(image_embeds (P, N, D), input_ids (P, L), attention_mask (P, L)) -> (P, 2)`` scores pairs;
-    ``sims`` (N_img, N_txt) is the ITC similarity. Rows are shared out over processes: row r goes to rank r % W.
+    ``sims`` (N_img, N_txt) is the ITC similarity. Rows are shared out over processes (row r goes to rank r % W)
+    unless ``split_across_ranks`` is False, for a caller that runs in one process only (a pipeline).
     """
     n_img, n_txt = sims.shape
     score_i2t = torch.full((n_img, n_txt), FILL, dtype=torch.float32, device=sims.device)
     score_t2i = torch.full((n_txt, n_img), FILL, dtype=torch.float32, device=sims.device)
-    rank, world = distributed.rank(), distributed.world_size()
+    rank, world = (distributed.rank(), distributed.world_size()) if split_across_ranks else (0, 1)
     jobs = [("i2t", row) for row in range(rank, n_img, world)] + [("t2i", row) for row in range(rank, n_txt, world)]
     k_i2t, k_t2i = min(k_test, n_txt), min(k_test, n_img)
     pending: list[tuple[str, int, torch.Tensor, torch.Tensor]] = []
