@@ -38,6 +38,7 @@ def make_step(model, optimizer, inputs, device: torch.device, dtype: str):
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
 
     return step
 
@@ -56,7 +57,9 @@ def bench_one(model, name: str, batch: int, args, device: torch.device) -> tuple
     inputs = common.synthetic_batch(model.config, batch, device)
     optimizer = build_optimizer(model, learning_rate=1e-5, weight_decay=0.05)
     step = make_step(model, optimizer, inputs, device, args.dtype)
-    step()  # creates the AdamW state; it stays resident, so the peak measured below includes it
+    first_loss = step()  # creates the AdamW state; it stays resident, so the peak measured below includes it
+    if not torch.isfinite(first_loss):
+        print(f"  warning: {name} batch {batch}: non-finite loss {first_loss.item()} (timings still stand)")
     memory = common.PeakMemory(device)
     memory.reset()
     times = common.time_interleaved({"step": step}, args.iters, args.warmup, device, args.min_seconds)
@@ -96,7 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--min-seconds", type=float, default=1.0,
                         help="fast measurements repeat beyond --iters until they fill this many seconds")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: the cores the load average leaves "
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: the cores other processes leave "
                         "idle, at least 1)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                         help="autocast dtype over fp32 weights (default: float32 on CPU, bfloat16 on CUDA)")

@@ -151,17 +151,33 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def busy_cores(seconds: float = 0.5) -> float:
+    """Cores other processes keep busy now, from two /proc/stat samples (the load average lags by a minute)."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as handle:
+            values = [int(v) for v in handle.readline().split()[1:]]
+        idle = values[3] + values[4]  # idle + iowait
+        return sum(values) - idle, sum(values)
+
+    try:
+        busy_start, total_start = sample()
+        time.sleep(seconds)
+        busy_end, total_end = sample()
+    except OSError:
+        return os.getloadavg()[0]
+    return (os.cpu_count() or 1) * (busy_end - busy_start) / max(1, total_end - total_start)
+
+
 def set_threads(requested: int | None) -> str:
-    """Use ``requested`` CPU threads, or as many cores as the load average leaves idle: on a shared box a second
+    """Use ``requested`` CPU threads, or as many cores as other processes leave idle: on a shared box a second
     thread that is often descheduled makes every parallel op wait a scheduler slice (tiny ops then take ms)."""
     if requested:
         torch.set_num_threads(requested)
         return f"{requested} (--threads)"
-    cores = os.cpu_count() or 1
-    busy = round(os.getloadavg()[0])
-    threads = max(1, min(torch.get_num_threads(), cores - busy))
+    busy = busy_cores()
+    threads = max(1, min(torch.get_num_threads(), round((os.cpu_count() or 1) - busy)))
     torch.set_num_threads(threads)
-    return f"{threads} (auto, from the load average)"
+    return f"{threads} (auto: other processes kept {busy:.1f} cores busy at start)"
 
 
 def synchronize(device: torch.device) -> None:

@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args)
         from blip2.demo import run_demo
 
-        return run_demo(args.output_dir, steps=args.steps, device=args.device)
+        run_demo(args.output_dir, steps=args.steps, device=args.device)
+        return 0
     except USER_ERRORS as error:
         if os.environ.get("BLIP2_DEBUG"):
             raise

@@ -61,6 +61,7 @@ class DatasetConfig(_ConfigBase):
     add_extra_itm_score: bool = True  # retrieval: add the ITM score to the ITC similarity
     candidate_labels: list[str] | None = None  # classification: default the data set's class names
     image_size: int | None = None  # None: the model's vision_config.image_size
+    augment: bool = True  # training images: random resized crop (scale 0.5-1) + horizontal flip, as LAVIS
 
     _nested = {"data_loader": DataLoaderConfig, "text_transforms": TextTransformConfig,
                "tokenizer": TokenizerConfig}

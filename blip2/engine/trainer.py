@@ -266,7 +266,7 @@ class Trainer:
             logger.info("resumed from %s at step %d", resume_path, self.global_step)
 
         collate = ImageTextCollator(self.image_processor, self.tokenizer, max_length=dataset_cfg.tokenizer.max_length,
-                                    train=True, padding=dataset_cfg.tokenizer.padding)
+                                    train=dataset_cfg.augment, padding=dataset_cfg.tokenizer.padding)
         log_path = self.output_dir / "train_log.jsonl"
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)

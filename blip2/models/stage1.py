@@ -136,7 +136,8 @@ class Blip2Qformer(Blip2PreTrainedModel):
         itm_images = torch.cat((image_embeds, image_embeds_all[negative_image], image_embeds), dim=0)
         logits = self._itm_logits(itm_images, itm_ids, itm_mask)  # (3B, 2)
         batch = input_ids.shape[0]
-        labels = torch.cat((torch.ones(batch), torch.zeros(2 * batch))).long().to(logits.device)
+        labels = torch.zeros(3 * batch, dtype=torch.long, device=logits.device)
+        labels[:batch] = 1
         return F.cross_entropy(logits.float(), labels)
 
     def _lm(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query_cache) -> torch.Tensor:

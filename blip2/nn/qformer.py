@@ -165,7 +165,8 @@ def build_attention_mask(
     text_length = 0 if text_mask is None else text_mask.shape[1]
     rows = query_length + text_length
     key_length = past_length + rows
-    has_padding = text_mask is not None and not bool(text_mask.all())
+    # checking for padding reads the mask back to the host: only worth it on CPU; accelerators take the mask as is
+    has_padding = text_mask is not None and (text_mask.device.type != "cpu" or not bool(text_mask.all()))
     if not causal or text_length <= 1 and query_length == 0:
         if not has_padding:
             return None

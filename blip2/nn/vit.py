@@ -80,7 +80,8 @@ class VisionTransformer(nn.Module):
         self.patch_embed = nn.Conv2d(3, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
         self.pos_embed = nn.Parameter(torch.zeros(1, config.num_patches + 1, config.hidden_size))
-        rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
+        last = max(1, config.num_hidden_layers - 1)
+        rates = [config.drop_path_rate * index / last for index in range(config.num_hidden_layers)]  # linear decay
         self.blocks = nn.ModuleList(VisionBlock(config, rate) for rate in rates)
         self._init_weights()
 
