@@ -45,11 +45,12 @@ class _ConfigBase:
                 f"unknown config key '{prefix}{unknown[0]}' for {cls.__name__}; valid keys: {', '.join(valid)}"
             )
         kwargs: dict[str, Any] = {}
+        defaults = {f.name: f.default for f in fields(cls)}  # type: ignore[arg-type]
         for name, value in data.items():
             nested = cls._nested.get(name)
             if nested is not None and isinstance(value, dict):
                 value = nested.from_dict(value, where=f"{prefix}{name}")
-            kwargs[name] = value
+            kwargs[name] = coerce_number(f"{prefix}{name}", value, defaults[name])
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
@@ -81,6 +82,23 @@ class _ConfigBase:
 
     def replace(self: T, **changes: Any) -> T:
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+
+def coerce_number(key: str, value: Any, default: Any) -> Any:
+    """YAML reads ``1e-4`` as a string and ``1`` as an int: give float fields floats, or name the bad key."""
+    if isinstance(default, bool) or not isinstance(default, (int, float)) or isinstance(value, bool):
+        return value
+    if isinstance(default, float) and isinstance(value, (int, str)):
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{key}={value!r} is not a number") from None
+    if isinstance(default, int) and isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{key}={value!r} is not an integer") from None
+    return value
 
 
 def _check_positive(owner: str, **values: int | float) -> None:
@@ -241,8 +259,7 @@ def set_by_path(config: Any, dotted: str, raw_value: str) -> None:
     last = parts[-1]
     current = _child(target, last, dotted)
     value = yaml.safe_load(raw_value) if isinstance(raw_value, str) else raw_value
-    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
+    value = coerce_number(dotted, value, current)
     if isinstance(target, dict):
         target[last] = value
     else:

@@ -58,7 +58,7 @@ def run_demo(output_dir: str | Path = "blip2_demo", steps: int | None = None, de
 
     started = time.perf_counter()
     out = Path(output_dir)
-    data = generate_shapes_dataset(out / "shapes", num_train=num_train, num_test=num_test, image_size=32, seed=0,
+    data = generate_shapes_dataset(out / "shapes", num_train=num_train, num_test=num_test, image_size=64, seed=0,
                                    captions_per_image=3, images_per_class=images_per_class)
     logger.info("generated data in %s", data.root)
 

@@ -73,3 +73,14 @@ def test_vit_g_preset_has_the_published_shapes():
 def test_unknown_preset_lists_the_available_ones():
     with pytest.raises(FileNotFoundError, match="presets: blip2_stage1_vit_g"):
         Blip2Qformer.from_pretrained("blip2_stage1_vit_h")
+
+
+def test_yaml_numbers_written_as_strings_become_numbers_or_are_named():
+    from blip2.engine.run_config import RunConfig
+
+    config = RunConfig.from_dict({"lr_schedule": {"learning_rate": "1e-4", "warmup_steps": "5"}})
+    assert config.lr_schedule.learning_rate == 1e-4 and config.lr_schedule.warmup_steps == 5
+    set_by_path(config, "lr_schedule.learning_rate", "2e-3")
+    assert config.lr_schedule.learning_rate == 2e-3
+    with pytest.raises(ConfigError, match=r"lr_schedule\.learning_rate='fast' is not a number"):
+        set_by_path(config, "lr_schedule.learning_rate", "fast")
