@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -62,12 +63,24 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (test runners and notebooks swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def setup_logging(is_main: bool) -> None:
-    if not logger.handlers:
-        handler = logging.StreamHandler()
+    """Show the library's INFO lines when nobody configured logging; defer to the application's set-up otherwise."""
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
-        logger.propagate = False
     logger.setLevel(logging.INFO if is_main else logging.WARNING)
 
 
@@ -127,6 +140,7 @@ class Trainer:
         return torch.device("cpu")
 
     def _build_model(self) -> torch.nn.Module:
+        from blip2 import registry
         from blip2.models import Blip2Qformer
 
         cfg = self.config
@@ -139,7 +153,8 @@ class Trainer:
         if model_config is not None:
             model = Blip2Qformer(model_config)
             self._initialise_from_parts(model)
-            if model_config.freeze_vision and not (cfg.model.vit_checkpoint or cfg.load_checkpoint):
+            preset = registry.PRESETS.get(cfg.trainer.model_name or "")
+            if model_config.freeze_vision and preset is not None and preset.files and not cfg.model.vit_checkpoint:
                 logger.warning("the frozen ViT has random weights: set model.vit_checkpoint (eva_vit_g.pth) or "
                                "load_checkpoint to start from pretrained weights")
             return model
