@@ -150,19 +150,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         + " (default: tiny,vit-b on CPU, vit-g on CUDA)")
     parser.add_argument("--batch-sizes", help="comma-separated (default: 1,8 on CPU, 64,128 on CUDA)")
     parser.add_argument("--paths", default="features,itm", help=f"comma-separated, from: {', '.join(PATHS)}")
-    parser.add_argument("--iters", type=int, default=3, help="timed runs per measurement; the median is reported")
-    parser.add_argument("--warmup", type=int, default=0,
-                        help="untimed runs after the output check (itself one untimed run of each side)")
-    parser.add_argument("--min-seconds", type=float, default=1.0,
-                        help="fast measurements repeat beyond --iters until they fill this many seconds")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: the cores other processes leave "
-                        "idle, at least 1)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                        help="autocast dtype over fp32 weights (default: float32 on CPU, bfloat16 on CUDA)")
-    parser.add_argument("--peak-tflops", type=float,
-                        help="the device's dense peak for --dtype, for the limit columns (default: 989 on CUDA, "
-                             "the H100 SXM bf16 figure; none on CPU)")
+    common.add_timing_arguments(parser, unit="runs", peak_use="the limit columns")
     args = parser.parse_args(argv)
     cuda = args.device == "cuda"
     args.configs = common.parse_list(args.configs or ("vit-g" if cuda else "tiny,vit-b"))
