@@ -32,11 +32,3 @@ class Blip2FeatureOutput:
 
     def to_tuple(self) -> tuple:
         return astuple(self)
-
-
-@dataclass
-class Blip2Stage2Output:
-    """Stage-2 output: the language-modelling loss (when labels were given) and the LLM logits."""
-
-    loss: torch.Tensor | None
-    logits: torch.Tensor
