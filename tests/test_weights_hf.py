@@ -19,13 +19,16 @@ from weights_fixtures import (NUM_QUERIES, VOCAB, build_hf_generation, build_hf_
 ATOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def retrieval(tmp_path_factory):
-    """(transformers model, its saved folder)."""
-    model = build_hf_retrieval()
-    folder = tmp_path_factory.mktemp("hf_itm")
+def saved(model, tmp_path_factory, name: str):
+    """(transformers model, the folder it was saved to)."""
+    folder = tmp_path_factory.mktemp(name)
     model.save_pretrained(folder)
     return model, folder
+
+
+@pytest.fixture(scope="module")
+def retrieval(tmp_path_factory):
+    return saved(build_hf_retrieval(), tmp_path_factory, "hf_itm")
 
 
 @pytest.fixture(scope="module")
@@ -157,10 +160,7 @@ def test_retrieval_config_translation(retrieval):
 
 @pytest.fixture(scope="module")
 def generation(tmp_path_factory):
-    model = build_hf_generation()
-    folder = tmp_path_factory.mktemp("hf_opt")
-    model.save_pretrained(folder)
-    return model, folder
+    return saved(build_hf_generation(), tmp_path_factory, "hf_opt")
 
 
 @torch.no_grad()

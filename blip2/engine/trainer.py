@@ -337,10 +337,12 @@ class Trainer:
                         with self.autocast():
                             losses = self.task.training_step(model, inputs, gather)
                         scaler.scale(losses["loss"] / runner.gradient_accumulation_steps).backward()
-                    self._accumulate(window, losses, inputs["pixel_values"].shape[0])
+                    # one device-to-host read per micro-step serves both the log window and the finiteness check
+                    values = dict(zip(losses, torch.stack([v.detach().float() for v in losses.values()]).tolist()))
+                    self._accumulate(window, values, inputs["pixel_values"].shape[0])
                     if not sync:
                         continue
-                    self._check_finite(losses)
+                    self._check_finite(values)
                     if runner.max_grad_norm:
                         scaler.unscale_(optimizer)
                         torch.nn.utils.clip_grad_norm_(raw_model.parameters(), runner.max_grad_norm)
@@ -368,14 +370,13 @@ class Trainer:
         return last_metrics
 
     @staticmethod
-    def _accumulate(window: dict, losses: dict[str, torch.Tensor], images: int) -> None:
-        for name, value in losses.items():
-            window["sums"][name] = window["sums"].get(name, 0.0) + float(value.detach())
+    def _accumulate(window: dict, values: dict[str, float], images: int) -> None:
+        for name, value in values.items():
+            window["sums"][name] = window["sums"].get(name, 0.0) + value
         window["count"] += 1
         window["images"] += images
 
-    def _check_finite(self, losses: dict[str, torch.Tensor]) -> None:
-        values = {name: float(value.detach()) for name, value in losses.items()}
+    def _check_finite(self, values: dict[str, float]) -> None:
         if not all(math.isfinite(v) for v in values.values()):
             parts = ", ".join(f"{name}={value}" for name, value in values.items())
             raise NonFiniteLossError(f"non-finite loss at step {self.global_step + 1}: {parts}; stopped before the "
