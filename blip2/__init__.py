@@ -1,7 +1,7 @@
 """BLIP-2 in PyTorch: stage-1 and stage-2 training, evaluation and inference."""
 
 from blip2.config import Blip2Config, QformerConfig, ViTConfig
-from blip2.models import Blip2Output, Blip2Qformer
+from blip2.models import Blip2ImageToTextGeneration, Blip2Output, Blip2Qformer, Blip2Stage2Output
 from blip2.processing import Blip2ImageProcessor, Blip2Processor
 
 __version__ = "0.1.0"
@@ -20,5 +20,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'blip2' has no attribute {name!r}")
 
 
-__all__ = ["Blip2Config", "QformerConfig", "ViTConfig", "Blip2Qformer", "Blip2Output", "Blip2ImageProcessor",
-           "Blip2Processor", "Trainer", "pipeline"]
+__all__ = ["Blip2Config", "QformerConfig", "ViTConfig", "Blip2Qformer", "Blip2ImageToTextGeneration", "Blip2Output",
+           "Blip2Stage2Output", "Blip2ImageProcessor", "Blip2Processor", "Trainer", "pipeline"]

@@ -185,6 +185,15 @@ class QformerConfig(_ConfigBase):
         return layer_index % self.cross_attention_freq == 0
 
 
+def _check_seq_length(seq_length: int | None, query_length: int, max_txt_len: int) -> None:
+    """The LLM reads the queries and the caption as one sequence: it must hold both."""
+    if seq_length is not None and seq_length < query_length + max_txt_len:
+        raise ConfigError(
+            f"text_config.seq_length={seq_length} is shorter than qformer_config.query_length={query_length} + "
+            f"max_txt_len={max_txt_len} = {query_length + max_txt_len}"
+        )
+
+
 @dataclass
 class Blip2Config(_ConfigBase):
     """The whole BLIP-2 model: image encoder, Q-Former and (stage 2) the language model's config.
@@ -224,6 +233,8 @@ class Blip2Config(_ConfigBase):
             )
         if self.text_config is not None and not isinstance(self.text_config, dict):
             raise ConfigError(f"text_config must be a mapping or null, got {type(self.text_config).__name__}")
+        if self.text_config is not None:
+            _check_seq_length(self.text_config.get("seq_length"), self.qformer_config.query_length, self.max_txt_len)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike) -> "Blip2Config":

@@ -3,6 +3,10 @@
 One plain dict; no registration magic. Weight files cannot be downloaded for the user: a preset's files live in
 ``$BLIP2_HOME/<name>/`` (default ``~/.cache/blip2``) in our folder layout, and ``missing_files_message`` says which
 files to place there and which ``blip2 convert`` command makes them from the public releases.
+
+Stage-2 presets also name their LLM folder (``$BLIP2_HOME/<llm>/``, a transformers folder), and a training preset
+starts from another preset's weights (``weights_from``: stage 2 starts from the stage-1 checkpoint, as MindFormers'
+``blip2_stage2_vit_g_llama_7b`` starts from ``blip2_stage1_pretrained``).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 @dataclass(frozen=True)
 class Preset:
     name: str
-    group: str  # "stage1", "stage2" or "itt" (stage-2 inference)
+    group: str  # "stage1", "stage2" (stage-2 training) or "itt" (stage-2 inference, image-to-text generation)
     description: str
     build_config: Callable[[], Blip2Config]
     files: tuple[str, ...] = ("config.yaml", "model.safetensors")  # empty: random weights (tests, demos)
@@ -29,6 +33,9 @@ class Preset:
     image_mean: tuple[float, float, float] = CLIP_MEAN
     image_std: tuple[float, float, float] = CLIP_STD
     extra: dict = field(default_factory=dict)
+    weights_from: str = ""  # the preset whose folder holds the starting weights (default: this one's)
+    llm: str = ""  # stage 2: the LLM folder's name under $BLIP2_HOME
+    llm_hint: str = ""
 
     def config(self) -> Blip2Config:
         config = self.build_config()
@@ -37,6 +44,9 @@ class Preset:
 
     def directory(self) -> Path:
         return blip2_home() / self.name
+
+    def weights_directory(self) -> Path:
+        return blip2_home() / (self.weights_from or self.name)
 
 
 def blip2_home() -> Path:
@@ -64,11 +74,66 @@ def _tiny() -> Blip2Config:
                        freeze_vision=False, compute_dtype="float32")
 
 
+def _tiny_stage2() -> Blip2Config:
+    """The tiny model with a tiny random LLaMA (the real 32000-word vocabulary) for tests and demos."""
+    llama = {"model_type": "llama", "hidden_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 4, "intermediate_size": 96, "vocab_size": 32000, "max_position_embeddings": 128,
+             "rms_norm_eps": 1e-6, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "seq_length": 48}
+    return _tiny().replace(text_config=llama)
+
+
+def _llama_7b(llm: str, model_type: str = "llama", vocab_size: int = 32000) -> dict:
+    """LLaMA-7B's shape as MindFormers' stage-2 YAMLs give it; the weights are read from ``$BLIP2_HOME/<llm>/``.
+
+    The folder's own config.json is the one used; these keys document the shape and are checked against it. The
+    frozen LLM's weights are kept in bf16 (MindFormers keeps them in fp16).
+    """
+    return {"checkpoint_name_or_path": str(blip2_home() / llm), "seq_length": 64, "dtype": "bfloat16",
+            "model_type": model_type, "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+            "intermediate_size": 11008, "vocab_size": vocab_size, "rms_norm_eps": 1e-6, "bos_token_id": 1,
+            "eos_token_id": 2, "pad_token_id": 0}
+
+
+def _stage2_vit_g(text_config: dict) -> Blip2Config:
+    return Blip2Config(vision_config=vit_g_config(), qformer_config=QformerConfig(), text_config=text_config,
+                       embed_dim=256, max_txt_len=32)
+
+
+def _stage2_llama_7b() -> Blip2Config:
+    return _stage2_vit_g(_llama_7b("llama_7b"))
+
+
+def _stage2_baichuan_7b() -> Blip2Config:
+    # Baichuan-7B's own vocabulary (64000); MindFormers' YAML counts 64001 with the <pad> it adds
+    return _stage2_vit_g(_llama_7b("baichuan_7b", model_type="baichuan", vocab_size=64000))
+
+
+def _opt_2_7b() -> Blip2Config:
+    """transformers' Salesforce/blip2-opt-2.7b (the folder's config.json is the one read when loading)."""
+    opt = {"model_type": "opt", "hidden_size": 2560, "num_hidden_layers": 32, "ffn_dim": 10240,
+           "num_attention_heads": 32, "vocab_size": 50272, "max_position_embeddings": 2048,
+           "word_embed_proj_dim": 2560, "bos_token_id": 2, "eos_token_id": 50118, "pad_token_id": 1}
+    vision = vit_g_config().replace(ln_vision_eps=1e-6)  # transformers' post_layernorm eps
+    return Blip2Config(vision_config=vision, qformer_config=QformerConfig(), text_config=opt, embed_dim=256,
+                       max_txt_len=32)
+
+
 _LAVIS_STAGE1 = (
     "convert the LAVIS release: blip2 convert --from lavis --input blip2_pretrained.pth --vit eva_vit_g.pth "
     "--config blip2_stage1_vit_g --output {dir}   (or a Hugging Face folder: blip2 convert --from hf "
     "--input blip2-itm-vit-g/ --output {dir})"
 )
+
+_STAGE2 = (
+    "save a stage-2 model there: Blip2ImageToTextGeneration.save_pretrained({dir}) after stage-2 training writes "
+    "config.yaml + model.safetensors and refers to the LLM folder"
+)
+_HF_OPT = (
+    "download the transformers folder Salesforce/blip2-opt-2.7b into {dir} (config.json, model-*.safetensors and "
+    "model.safetensors.index.json; e.g. huggingface-cli download Salesforce/blip2-opt-2.7b --local-dir {dir})"
+)
+_LLAMA = "a transformers LLaMA-7B folder (config.json, the tokenizer files, *.safetensors)"
+_BAICHUAN = "a transformers Baichuan-7B folder (config.json, the tokenizer files, *.bin or *.safetensors)"
 
 PRESETS: dict[str, Preset] = {
     "blip2_stage1_vit_g": Preset(
@@ -86,11 +151,39 @@ PRESETS: dict[str, Preset] = {
     "blip2_tiny": Preset(
         "blip2_tiny", "stage1", "tiny random model for tests and demos (no weight files)", _tiny, files=(),
     ),
+    "blip2_stage2_vit_g_llama_7b": Preset(
+        "blip2_stage2_vit_g_llama_7b", "stage2", "stage-2 training: the stage-1 ViT-g + Q-Former feeding LLaMA-7B",
+        _stage2_llama_7b, convert_hint=_LAVIS_STAGE1, weights_from="blip2_stage1_vit_g", llm="llama_7b",
+        llm_hint=_LLAMA,
+    ),
+    "blip2_stage2_vit_g_baichuan_7b": Preset(
+        "blip2_stage2_vit_g_baichuan_7b", "stage2",
+        "stage-2 training: the stage-1 ViT-g + Q-Former feeding Baichuan-7B", _stage2_baichuan_7b,
+        convert_hint=_LAVIS_STAGE1, weights_from="blip2_stage1_vit_g", llm="baichuan_7b", llm_hint=_BAICHUAN,
+    ),
+    "itt_blip2_stage2_vit_g_llama_7b": Preset(
+        "itt_blip2_stage2_vit_g_llama_7b", "itt", "image-to-text generation with the stage-2 LLaMA-7B model",
+        _stage2_llama_7b, convert_hint=_STAGE2, llm="llama_7b", llm_hint=_LLAMA,
+    ),
+    "itt_blip2_stage2_vit_g_baichuan_7b": Preset(
+        "itt_blip2_stage2_vit_g_baichuan_7b", "itt", "image-to-text generation with the stage-2 Baichuan-7B model",
+        _stage2_baichuan_7b, convert_hint=_STAGE2, llm="baichuan_7b", llm_hint=_BAICHUAN,
+    ),
+    "blip2_opt_2.7b": Preset(
+        "blip2_opt_2.7b", "itt", "image-to-text generation with the released BLIP-2 OPT-2.7b (transformers folder)",
+        _opt_2_7b, files=("config.json",), convert_hint=_HF_OPT,
+    ),
+    "blip2_stage2_tiny": Preset(
+        "blip2_stage2_tiny", "stage2", "tiny random stage-2 model (tiny random LLaMA) for tests and demos",
+        _tiny_stage2, files=(),
+    ),
 }
 
 
-def names(group: str = "") -> list[str]:
-    return [name for name, preset in PRESETS.items() if not group or preset.group == group]
+def names(group: str | tuple[str, ...] = "") -> list[str]:
+    """Preset names, all or those of one group (or of several)."""
+    groups = (group,) if isinstance(group, str) else group
+    return [name for name, preset in PRESETS.items() if not group or preset.group in groups]
 
 
 def get_preset(name: str) -> Preset:
@@ -99,14 +192,24 @@ def get_preset(name: str) -> Preset:
     return PRESETS[name]
 
 
+def llm_directory(preset: Preset) -> Path | None:
+    return blip2_home() / preset.llm if preset.llm else None
+
+
 def missing_files_message(preset: Preset) -> str | None:
-    """None when every file of ``preset`` is in place, else what to place where and how to make it."""
-    directory = preset.directory()
+    """None when every file of ``preset`` (and its LLM folder) is in place, else what to place where and how."""
+    directory = preset.weights_directory()
     missing = [name for name in preset.files if not (directory / name).is_file()]
-    if not missing:
+    problems = []
+    if missing:
+        hint = preset.convert_hint.format(dir=directory)
+        problems.append(f"its weight files in {directory}/; missing: {', '.join(missing)}. {hint}")
+    llm_dir = llm_directory(preset)
+    if llm_dir is not None and not (llm_dir / "config.json").is_file():
+        problems.append(f"its language model in {llm_dir}/: {preset.llm_hint}; missing: config.json")
+    if not problems:
         return None
-    hint = preset.convert_hint.format(dir=directory)
     return (
-        f"preset {preset.name!r} needs its weight files in {directory}/ (set BLIP2_HOME to move it); missing: "
-        f"{', '.join(missing)}. Nothing is downloaded: {hint}"
+        f"preset {preset.name!r} needs " + "; and ".join(problems)
+        + " (set BLIP2_HOME to move them). Nothing is downloaded."
     )

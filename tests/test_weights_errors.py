@@ -12,7 +12,7 @@ from blip2.config import QformerConfig, ViTConfig
 from blip2.weights import WeightLoadError
 from blip2.weights.convert import main as convert
 from blip2.weights.lavis import to_lavis
-from weights_fixtures import save_torch
+from weights_fixtures import save_torch, saved_stage1
 
 
 def tiny_config() -> Blip2Config:
@@ -27,11 +27,7 @@ def tiny_config() -> Blip2Config:
 @pytest.fixture(scope="module")
 def native(tmp_path_factory):
     """(model, its saved folder)."""
-    torch.manual_seed(0)
-    model = Blip2Qformer(tiny_config())
-    folder = tmp_path_factory.mktemp("native") / "model"
-    model.save_pretrained(folder)
-    return model, folder
+    return saved_stage1(tiny_config(), tmp_path_factory, "native")
 
 
 def _edited_copy(folder, target, edit):

@@ -143,6 +143,17 @@ def hf_to_lavis(hf_state: dict[str, torch.Tensor], seed: int = 0) -> dict[str, t
     return lavis
 
 
+def saved_stage1(config, tmp_path_factory, name: str):
+    """(a stage-1 model drawn with seed 0, the folder it was saved to)."""
+    from blip2 import Blip2Qformer
+
+    torch.manual_seed(0)
+    model = Blip2Qformer(config)
+    folder = tmp_path_factory.mktemp(name) / "model"
+    model.save_pretrained(folder)
+    return model, folder
+
+
 def save_torch(obj, path: Path) -> Path:
     torch.save(obj, path)
     return path

@@ -1,4 +1,5 @@
-"""What both BLIP-2 models share: presets, loading and saving, and keeping frozen towers frozen."""
+"""What both BLIP-2 models share: presets, loading and saving, frozen towers, and the image path
+(ViT -> ln_vision -> Q-Former queries)."""
 
 from __future__ import annotations
 
@@ -8,17 +9,60 @@ import torch
 from torch import nn
 
 from blip2.config import Blip2Config
+from blip2.nn.qformer import Qformer, QformerOutput
+from blip2.nn.vit import VisionTransformer
+
+
+def init_bert_weights(module: nn.Module, std: float = 0.02) -> None:
+    """BERT's initialisation: normal(0, 0.02) weights, zero biases, unit LayerNorms."""
+    for sub in module.modules():
+        if isinstance(sub, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(sub.weight, std=std)
+            if isinstance(sub, nn.Linear) and sub.bias is not None:
+                nn.init.zeros_(sub.bias)
+            if isinstance(sub, nn.Embedding) and sub.padding_idx is not None:
+                nn.init.zeros_(sub.weight[sub.padding_idx])
+        elif isinstance(sub, nn.LayerNorm):
+            nn.init.ones_(sub.weight)
+            nn.init.zeros_(sub.bias)
 
 
 class Blip2PreTrainedModel(nn.Module):
-    """Base class: ``from_pretrained`` / ``save_pretrained`` / ``show_support_list`` and the freezing policy."""
+    """Base class: ``from_pretrained`` / ``save_pretrained`` / ``show_support_list``, the freezing policy and the
+    image path both stages share (``encode_image``, ``query_forward``)."""
 
-    # the registry group this class's presets belong to ("stage1" or "stage2")
-    preset_group: str = ""
+    # the registry group(s) this class's presets belong to ("stage1"; "stage2" and "itt")
+    preset_group: str | tuple[str, ...] = ""
 
     def __init__(self, config: Blip2Config) -> None:
         super().__init__()
         self.config = config
+
+    def build_image_path(self, with_text: bool) -> None:
+        """ViT, ln_vision, the learned queries and the Q-Former (``with_text=False``: its query path only).
+
+        Modules only, at their default initialisation: each model initialises them in its own order.
+        """
+        vision, qformer = self.config.vision_config, self.config.qformer_config
+        self.vision_model = VisionTransformer(vision)
+        self.ln_vision = nn.LayerNorm(vision.hidden_size, eps=vision.ln_vision_eps)
+        self.query_tokens = nn.Parameter(torch.zeros(1, qformer.query_length, qformer.hidden_size))
+        self.qformer = Qformer(qformer, image_hidden_size=vision.hidden_size, with_text=with_text)
+
+    # --- image path ----------------------------------------------------------------------------------------------
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values (B, 3, H, W) -> ln_vision(ViT(pixels)) (B, N, D_img); no gradient into a frozen ViT."""
+        if self.config.freeze_vision:
+            with torch.no_grad():
+                vit_out = self.vision_model(pixel_values)
+        else:
+            vit_out = self.vision_model(pixel_values)
+        return self.ln_vision(vit_out)
+
+    def query_forward(self, image_embeds: torch.Tensor, use_cache: bool = False) -> QformerOutput:
+        """The queries read the image: (B, N, D_img) -> query outputs (B, Q, D) (+ their self-attention K/V)."""
+        query_tokens = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        return self.qformer(query_embeds=query_tokens, image_embeds=image_embeds, use_cache=use_cache)
 
     # --- presets and weights -------------------------------------------------------------------------------------
     @classmethod

@@ -32,3 +32,14 @@ class Blip2FeatureOutput:
 
     def to_tuple(self) -> tuple:
         return astuple(self)
+
+
+@dataclass
+class Blip2Stage2Output:
+    """Stage-2 output: the language-modelling loss (None without text targets) and the LLM's logits."""
+
+    loss: torch.Tensor | None  # scalar, mean over the caption tokens that are targets
+    logits: torch.Tensor  # (B, Q + L, V): one row per LLM input position, queries first
+
+    def to_tuple(self) -> tuple[torch.Tensor | None, torch.Tensor]:
+        return (self.loss, self.logits)

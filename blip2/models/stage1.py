@@ -12,27 +12,12 @@ from torch import nn
 
 from blip2.config import Blip2Config
 from blip2.models import generation
-from blip2.models.base import Blip2PreTrainedModel
+from blip2.models.base import Blip2PreTrainedModel, init_bert_weights
 from blip2.models.gather import LOCAL, FeatureGather
 from blip2.models.outputs import Blip2FeatureOutput, Blip2Output
-from blip2.nn.qformer import Qformer, QformerLMHead, QformerOutput
-from blip2.nn.vit import VisionTransformer
+from blip2.nn.qformer import QformerLMHead
 
 LABEL_SMOOTHING = 0.1
-
-
-def init_bert_weights(module: nn.Module, std: float = 0.02) -> None:
-    """BERT's initialisation: normal(0, 0.02) weights, zero biases, unit LayerNorms."""
-    for sub in module.modules():
-        if isinstance(sub, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(sub.weight, std=std)
-            if isinstance(sub, nn.Linear) and sub.bias is not None:
-                nn.init.zeros_(sub.bias)
-            if isinstance(sub, nn.Embedding) and sub.padding_idx is not None:
-                nn.init.zeros_(sub.weight[sub.padding_idx])
-        elif isinstance(sub, nn.LayerNorm):
-            nn.init.ones_(sub.weight)
-            nn.init.zeros_(sub.bias)
 
 
 class Blip2Qformer(Blip2PreTrainedModel):
@@ -42,11 +27,8 @@ class Blip2Qformer(Blip2PreTrainedModel):
 
     def __init__(self, config: Blip2Config) -> None:
         super().__init__(config)
-        vision, qformer = config.vision_config, config.qformer_config
-        self.vision_model = VisionTransformer(vision)
-        self.ln_vision = nn.LayerNorm(vision.hidden_size, eps=vision.ln_vision_eps)
-        self.query_tokens = nn.Parameter(torch.zeros(1, qformer.query_length, qformer.hidden_size))
-        self.qformer = Qformer(qformer, image_hidden_size=vision.hidden_size)
+        qformer = config.qformer_config
+        self.build_image_path(with_text=True)
         self.lm_head = QformerLMHead(qformer)
         init_bert_weights(self.qformer)
         init_bert_weights(self.lm_head)
@@ -62,21 +44,7 @@ class Blip2Qformer(Blip2PreTrainedModel):
     def frozen_modules(self) -> list[nn.Module]:
         return [self.vision_model] if self.config.freeze_vision else []
 
-    # --- image path ----------------------------------------------------------------------------------------------
-    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values (B, 3, H, W) -> ln_vision(ViT(pixels)) (B, N, D_img); no gradient into a frozen ViT."""
-        if self.config.freeze_vision:
-            with torch.no_grad():
-                vit_out = self.vision_model(pixel_values)
-        else:
-            vit_out = self.vision_model(pixel_values)
-        return self.ln_vision(vit_out)
-
-    def query_forward(self, image_embeds: torch.Tensor, use_cache: bool = False) -> QformerOutput:
-        """The queries read the image: (B, N, D_img) -> query outputs (B, Q, D) (+ their self-attention K/V)."""
-        query_tokens = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
-        return self.qformer(query_embeds=query_tokens, image_embeds=image_embeds, use_cache=use_cache)
-
+    # --- image path: encode_image and query_forward come from Blip2PreTrainedModel --------------------------------
     def image_feats(self, query_hidden: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.vision_proj(query_hidden), dim=-1)  # (B, Q, E)
 

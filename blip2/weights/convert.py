@@ -2,6 +2,9 @@
 
     blip2 convert --from lavis --input blip2_pretrained.pth --vit eva_vit_g.pth --config blip2_stage1_vit_g --output D
     blip2 convert --from hf --input blip2-itm-vit-g/ --output D
+    blip2 convert --from hf --input blip2-opt-2.7b/ --output D          (stage 2: the OPT is written too)
+
+A config with a ``text_config`` (an LLM) makes a stage-2 model, otherwise stage 1; ``--stage`` overrides.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import sys
 from pathlib import Path
 
 from blip2.config import Blip2Config
-from blip2.models import Blip2Qformer
+from blip2.models import Blip2ImageToTextGeneration, Blip2Qformer
 from blip2.weights import hf, lavis
 from blip2.weights.loader import load_with_adapter
 
@@ -27,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, type=Path, help="folder to write config.yaml + model.safetensors")
     parser.add_argument("--config", help="Blip2Config YAML file or preset name (required for LAVIS)")
     parser.add_argument("--vit", type=Path, help="eva_vit_g.pth, for LAVIS checkpoints saved without the ViT")
+    parser.add_argument("--stage", type=int, choices=(1, 2),
+                        help="the model to write (default: 2 when the config has a text_config, else 1)")
 
 
 def _config(spec: str) -> Blip2Config:
@@ -49,9 +54,11 @@ def run(args: argparse.Namespace) -> int:
             )
         if args.vit is not None and args.source_format != "lavis":
             raise ValueError("--vit is for --from lavis only")
-        config = _config(args.config) if args.config else None
+        config = _config(args.config) if args.config else adapter.read_config(args.input)
+        stage = args.stage or (1 if config.text_config is None else 2)
         kwargs = {"vit_checkpoint": args.vit} if args.source_format == "lavis" else {}
-        model = load_with_adapter(Blip2Qformer, adapter, args.input, config=config, **kwargs)
+        model_class = Blip2Qformer if stage == 1 else Blip2ImageToTextGeneration
+        model = load_with_adapter(model_class, adapter, args.input, config=config, **kwargs)
         model.save_pretrained(args.output)
     except (OSError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error

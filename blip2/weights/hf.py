@@ -1,8 +1,10 @@
 """Hugging Face transformers BLIP-2 folders: ``config.json`` + ``model.safetensors`` (or shards, or ``.bin`` files).
 
 ``Blip2ForImageTextRetrieval`` folders hold the whole stage-1 model except ``temp`` and the Q-Former LM head.
-``Blip2ForConditionalGeneration`` folders hold the ViT and the Q-Former's query path; loaded into the stage-1 model
-their LLM and projection are reported as unused and the text-only parts keep their initial values.
+``Blip2ForConditionalGeneration`` folders hold the ViT, the Q-Former's query path, ``language_projection`` (our
+``llm_proj``) and the LLM (``language_model.*``, whose names are the LLM's own and stay as they are): the whole stage-2
+model. Loaded into the stage-1 model, the projection and the LLM are reported as unused and the text-only parts keep
+their initial values.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ HF_TO_NATIVE: KeyMap = {
     **weight_and_bias("vision_projection", "vision_proj"),
     **weight_and_bias("text_projection", "text_proj"),
     **weight_and_bias("itm_head", "itm_head"),
+    **weight_and_bias("language_projection", "llm_proj"),
 }
 NATIVE_TO_HF: KeyMap = {
     **invert(HF_TO_NATIVE),
@@ -204,4 +207,4 @@ def allowed_missing(model) -> list[str]:
 
 
 def allowed_unexpected(model) -> list[str]:
-    return ["language_model.*", "language_projection.*"]
+    return ["language_model.*", "llm_proj.*"]  # a generation folder read into the stage-1 model

@@ -73,6 +73,19 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
+def _storage_key(tensor: torch.Tensor) -> tuple:
+    return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+
+
+def tied_aliases(state: dict[str, torch.Tensor]) -> dict[str, list[str]]:
+    """For each key, the other keys holding the very same tensor (tied weights: an LLM's lm_head and embeddings)."""
+    groups: dict[tuple, list[str]] = {}
+    for key, value in state.items():
+        if value.device.type != "meta":
+            groups.setdefault(_storage_key(value), []).append(key)
+    return {key: [other for other in group if other != key] for group in groups.values() for key in group}
+
+
 def load_into(
     model: torch.nn.Module,
     state: dict[str, torch.Tensor],
@@ -80,10 +93,13 @@ def load_into(
     allowed_missing: Iterable[str] = (),
     allowed_unexpected: Iterable[str] = (),
     dropped: Iterable[str] = (),
+    preloaded: Iterable[str] = (),
 ) -> LoadReport:
     """Copy ``state`` (our key names) into ``model``; anything that does not fit raises, naming the keys.
 
     ``dropped`` are source keys the adapter left out on purpose before translating; the report lists them as unused.
+    ``preloaded`` are keys the model already holds from elsewhere (an LLM read from its own folder): they may be
+    absent and are not reported. A tied tensor counts as present when one of its names is.
     """
     expected = model.state_dict()
     allowed_missing, allowed_unexpected = list(allowed_missing), list(allowed_unexpected)
@@ -94,7 +110,12 @@ def load_into(
     ]
     if mismatched:
         raise WeightLoadError(f"{source}: {len(mismatched)} tensors have the wrong shape: {_first(mismatched, 3)}")
-    missing = [key for key in expected if key not in state]
+    aliases = tied_aliases(expected)
+    missing = [
+        key for key in expected
+        if key not in state and not any(alias in state for alias in aliases.get(key, ()))
+        and not _matches(key, preloaded)
+    ]
     unexpected = [key for key in state if key not in expected]
     bad_missing = [key for key in missing if not _matches(key, allowed_missing)]
     bad_unexpected = [key for key in unexpected if not _matches(key, allowed_unexpected)]
@@ -115,14 +136,21 @@ def load_into(
     return report
 
 
-def save_pretrained(model: torch.nn.Module, directory: str | os.PathLike) -> None:
-    """Write ``config.yaml`` + ``model.safetensors`` atomically: a crash never leaves a half-written folder."""
+def save_pretrained(
+    model: torch.nn.Module, directory: str | os.PathLike, config=None, skip_prefixes: tuple[str, ...] = ()
+) -> None:
+    """Write ``config.yaml`` + ``model.safetensors`` atomically: a crash never leaves a half-written folder.
+
+    ``config`` replaces ``model.config`` in the YAML; keys starting with ``skip_prefixes`` are not written. Of tied
+    tensors only the first name is written (safetensors stores no shared memory; loading fills the others).
+    """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        model.config.to_yaml(staging / CONFIG_NAME)
-        state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+        (config or model.config).to_yaml(staging / CONFIG_NAME)
+        state = _untied({key: value for key, value in model.state_dict().items() if not key.startswith(skip_prefixes)})
+        state = {key: value.detach().cpu().contiguous() for key, value in state.items()}
         save_file(state, str(staging / WEIGHTS_NAME), metadata={"format": "pt", "library": "blip2"})
         if directory.exists():
             backup = directory.with_name(f".{directory.name}.old")
@@ -134,6 +162,17 @@ def save_pretrained(model: torch.nn.Module, directory: str | os.PathLike) -> Non
             staging.rename(directory)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _untied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    seen: set[tuple] = set()
+    out = {}
+    for key, value in state.items():
+        storage = _storage_key(value)
+        if storage not in seen:
+            seen.add(storage)
+            out[key] = value
+    return out
 
 
 def load_pretrained(cls, name_or_path: str | os.PathLike, config=None, **kwargs):
@@ -151,7 +190,9 @@ def load_pretrained(cls, name_or_path: str | os.PathLike, config=None, **kwargs)
         message = registry.missing_files_message(preset)
         if message:
             raise FileNotFoundError(message)
-        path = preset.directory()
+        path = preset.weights_directory()
+        if preset.llm:  # stage 2: the preset's config names the LLM folder under this BLIP2_HOME
+            config = config or preset.config()
     else:
         path = Path(name).expanduser()
         if not path.exists():
@@ -166,10 +207,14 @@ def load_with_adapter(cls, adapter, path: Path, config=None, **kwargs):
     config = config or adapter.read_config(path, **kwargs)
     model = cls(config)
     state, dropped = adapter.read_native_state(path, config, **kwargs)
+    allowed_missing, preloaded = list(adapter.allowed_missing(model)), []
+    if hasattr(model, "language_model"):  # stage 2: a stage-1 start, or an LLM from its own folder
+        from blip2.weights import stage2
+
+        state, dropped, allowed_missing, preloaded = stage2.fit_state(model, state, dropped, allowed_missing, str(path))
     report = load_into(
-        model, state, source=str(path),
-        allowed_missing=adapter.allowed_missing(model), allowed_unexpected=adapter.allowed_unexpected(model),
-        dropped=dropped,
+        model, state, source=str(path), allowed_missing=allowed_missing,
+        allowed_unexpected=adapter.allowed_unexpected(model), dropped=dropped, preloaded=preloaded,
     )
     model.load_report = report
     if hasattr(model, "apply_freezing"):

@@ -1,0 +1,39 @@
+"""The stage-2 model read from any format, after the format's own adapter has translated the names.
+
+Two things set stage 2 apart. A stage-1 checkpoint (our folder, LAVIS ``blip2_pretrained.pth``, a transformers
+retrieval folder) can start it: the ViT, ln_vision, the queries and the Q-Former's query path carry over exactly, the
+Q-Former's text parts and the stage-1 heads are dropped and reported, and ``llm_proj`` starts fresh. And the LLM may
+come from its own folder (``text_config.checkpoint_name_or_path``), read when the model is built: then no checkpoint
+needs to hold it (LAVIS never saves the frozen LLM; our folders refer to it instead of copying it).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from blip2.weights.hf import TEXT_ONLY as STAGE1_ONLY  # the Q-Former's text side and the ITC / ITM / LM heads
+from blip2.weights.loader import WeightLoadError, _matches
+
+
+def fit_state(
+    model, state: dict[str, torch.Tensor], dropped: list[str], allowed_missing: list[str], source: str
+) -> tuple[dict[str, torch.Tensor], list[str], list[str], list[str]]:
+    """(state, dropped, allowed_missing, preloaded) for loading ``state`` into a stage-2 ``model``."""
+    _check_projection_width(model, state, source)
+    stage1_keys = [key for key in state if _matches(key, STAGE1_ONLY)]
+    state = {key: value for key, value in state.items() if key not in set(stage1_keys)}
+    preloaded = ["language_model.*"] if model.llm_folder else []
+    if stage1_keys:  # a stage-1 checkpoint: nothing stage-2-only can be in it
+        allowed_missing = allowed_missing + ["llm_proj.*", "language_model.*"]
+    return state, dropped + stage1_keys, allowed_missing, preloaded
+
+
+def _check_projection_width(model, state: dict[str, torch.Tensor], source: str) -> None:
+    weight = state.get("llm_proj.weight")
+    width = model.llm_proj.out_features
+    if weight is not None and weight.shape[0] != width:
+        llm = model.llm_folder or f"built from text_config (model_type={model.config.text_config.get('model_type')})"
+        raise WeightLoadError(
+            f"{source}: llm_proj projects to width {weight.shape[0]}, but the language model ({llm}) takes inputs "
+            f"of width {width}: the checkpoint was trained for another LLM"
+        )
