@@ -2,7 +2,7 @@
 
 from blip2.config import Blip2Config, QformerConfig, ViTConfig
 from blip2.models import Blip2ImageToTextGeneration, Blip2Output, Blip2Qformer, Blip2Stage2Output
-from blip2.processing import Blip2ImageProcessor, Blip2Processor
+from blip2.processing import Blip2GenerationProcessor, Blip2ImageProcessor, Blip2Processor
 
 __version__ = "0.1.0"
 
@@ -21,4 +21,5 @@ def __getattr__(name: str):
 
 
 __all__ = ["Blip2Config", "QformerConfig", "ViTConfig", "Blip2Qformer", "Blip2ImageToTextGeneration", "Blip2Output",
-           "Blip2Stage2Output", "Blip2ImageProcessor", "Blip2Processor", "Trainer", "pipeline"]
+           "Blip2Stage2Output", "Blip2ImageProcessor", "Blip2Processor", "Blip2GenerationProcessor", "Trainer",
+           "pipeline"]

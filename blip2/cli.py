@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="generate data, train the quickstart model, evaluate, show predictions")
     demo.add_argument("--output_dir", default="blip2_demo")
     demo.add_argument("--steps", type=int, default=None, help="training steps (default: the quickstart config's)")
+    demo.add_argument("--stage2_steps", type=int, default=None,
+                      help="stage-2 training steps (default: the stage-2 quickstart config's; 0 skips stage 2)")
     demo.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
     return parser
 
@@ -128,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args)
         from blip2.demo import run_demo
 
-        run_demo(args.output_dir, steps=args.steps, device=args.device)
+        run_demo(args.output_dir, steps=args.steps, device=args.device, stage2_steps=args.stage2_steps)
         return 0
     except USER_ERRORS as error:
         if os.environ.get("BLIP2_DEBUG"):

@@ -465,6 +465,13 @@ def load_llm_tokenizer(
     return tokenizer
 
 
+def has_tokenizer_files(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` holds tokenizer files ``load_llm_tokenizer`` reads (one of ``TOKENIZER_FILES``)."""
+    folder = Path(folder).expanduser()
+    return (folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file() or (
+        (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file())
+
+
 def _read_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
     model_config = _read_json(folder / CONFIG_FILE) if (folder / CONFIG_FILE).is_file() else {}
     tokenizer_config_file = folder / "tokenizer_config.json"

@@ -1,9 +1,10 @@
-"""``pipeline(task, model=...)``: inference on raw images and strings with a stage-1 model.
+"""``pipeline(task, model=...)``: inference on raw images and strings.
 
-Tasks: ``zero_shot_image_classification`` (softmax over candidate labels) and ``image_text_retrieval`` (ITC ranking
-re-ranked by ITM, as retrieval evaluation does; with only images or only texts it returns features, so
+Stage-1 tasks: ``zero_shot_image_classification`` (softmax over candidate labels) and ``image_text_retrieval`` (ITC
+ranking re-ranked by ITM, as retrieval evaluation does; with only images or only texts it returns features, so
 ``feature_extraction`` is the same pipeline). The scoring itself lives in ``blip2.engine.tasks`` and
-``blip2.engine.retrieval``; this module loads images, batches them and formats the results.
+``blip2.engine.retrieval``. Stage 2: ``image_to_text_generation`` (captions, optionally continuing a prompt, by
+``Blip2ImageToTextGeneration.generate``). This module loads images, batches them and formats the results.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from blip2 import registry
 from blip2.engine.retrieval import rerank_scores
 from blip2.engine.tasks import DEFAULT_TEMPLATE, encode_texts, label_features, ranked_labels, zero_shot_logits
-from blip2.models import Blip2Qformer
-from blip2.processing import Blip2ImageProcessor, Blip2Processor, clean_caption, load_tokenizer
+from blip2.models import Blip2ImageToTextGeneration, Blip2Qformer
+from blip2.processing import (Blip2GenerationProcessor, Blip2ImageProcessor, Blip2Processor, clean_caption,
+                              load_tokenizer)
 from blip2.processing.image import ImageInput
 
 MAX_CACHED_LABEL_SETS = 16
@@ -39,6 +42,8 @@ def _check_top_k(top_k: int | None) -> None:
 
 class _Pipeline:
     """Holds the model (in eval mode, on ``device``), the processor, and the autocast policy."""
+
+    model_class: type = Blip2Qformer
 
     def __init__(self, model: Blip2Qformer, processor: Blip2Processor, device: torch.device,
                  batch_size: int = 8) -> None:
@@ -200,11 +205,144 @@ def _rank_rows(scores: torch.Tensor, limit: int | None) -> list[list[tuple[int, 
     return [list(zip(row_index[:k], row_values[:k])) for row_index, row_values in zip(index.tolist(), values.tolist())]
 
 
+GENERATED_TEXT = "generated_text"
+IDENTITY_TEMPLATE = "{}"
+
+
+def apply_template(template: str, prompt: str | None) -> str:
+    """``template.format(prompt).strip()``, as the seed builds a prompt; no prompt formats in "" (so a template
+    without ``{}`` is itself the prompt). A template without ``{}`` refuses a prompt it would silently drop."""
+    if prompt is not None and not isinstance(prompt, str):
+        raise TypeError(f"a prompt must be a string, got {type(prompt).__name__}")
+    if prompt and "{}" not in template:
+        raise ValueError(f"hypothesis_template={template!r} has no {{}} for the prompt {prompt!r}, which would be "
+                         "dropped: use a template with {} (the default is '{}') or leave the prompt out")
+    return template.format(prompt or "").strip()
+
+
+def _check_template(template: str) -> None:
+    if not isinstance(template, str):
+        raise TypeError(f"hypothesis_template must be a string, got {type(template).__name__}")
+    try:
+        template.format("")
+    except (IndexError, KeyError, ValueError):
+        raise ValueError(f"hypothesis_template={template!r} must have at most one plain {{}} slot "
+                         "(write literal braces as {{ and }})") from None
+
+
+class ImageToTextGenerationPipeline(_Pipeline):
+    """Images (and prompts) -> text by ``Blip2ImageToTextGeneration.generate``, ``{"generated_text": str}`` per image.
+
+    The prompt of an image is ``hypothesis_template.format(prompt).strip()`` (template default ``"{}"``); the text
+    includes the prompt unless ``return_full_text=False``. Keyword arguments other than the pipeline's own are
+    generation settings (``max_new_tokens``, ``num_beams``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``,
+    ``repetition_penalty``, ``length_penalty``, ``min_new_tokens``, ``num_return_sequences``, ...), passed to
+    ``generate`` as given; those given to a call override those given to ``pipeline(...)``, and what neither gives
+    comes from the model's ``generation_defaults`` (the seed's ``text_config`` settings).
+    """
+
+    task = "image_to_text_generation"
+    model_class = Blip2ImageToTextGeneration
+
+    def __init__(self, model: Blip2ImageToTextGeneration, processor: Blip2GenerationProcessor,
+                 device: torch.device, hypothesis_template: str = IDENTITY_TEMPLATE, return_full_text: bool = True,
+                 batch_size: int = 8, **generation_kwargs) -> None:
+        super().__init__(model, processor, device, batch_size)
+        _check_template(hypothesis_template)
+        self.hypothesis_template = hypothesis_template
+        self.return_full_text = return_full_text
+        self.generation_kwargs = generation_kwargs
+
+    @torch.no_grad()
+    def __call__(self, images: ImageInput | dict | Sequence[ImageInput | dict],
+                 prompt: str | Sequence[str] | None = None, hypothesis_template: str | None = None,
+                 return_full_text: bool | None = None, batch_size: int | None = None,
+                 **generation_kwargs) -> dict[str, str] | list:
+        """One image -> ``{"generated_text": str}``; a list of images -> a list of them, in order.
+
+        ``images``: paths, PIL images, uint8 arrays, or ``{"image": ..., "prompt": str}`` dicts (the seed's form).
+        ``prompt``: one string for every image, or a list with one per image. With ``num_return_sequences`` = n > 1
+        each image gives a list of n dicts instead of one.
+        """
+        batch, single = _as_list(images)
+        if not batch:
+            raise ValueError("no images given")
+        batch, prompts = self._split_prompts(batch, prompt)
+        template = hypothesis_template if hypothesis_template is not None else self.hypothesis_template
+        _check_template(template)
+        texts = [apply_template(template, text) for text in prompts]
+        full_text = self.return_full_text if return_full_text is None else return_full_text
+        settings = {**self.generation_kwargs, **generation_kwargs}
+        batch_size = batch_size or self.batch_size
+        results: list = []
+        for start, pixel_values in zip(range(0, len(batch), batch_size), self._pixel_batches(batch, batch_size)):
+            chunk = texts[start:start + batch_size]
+            prompt_ids = self.processor.encode(chunk)
+            tokens = {name: value.to(self.device) for name, value in self.processor.pad(prompt_ids).items()}
+            with self.autocast():
+                new_ids = self.model.generate(pixel_values, tokens["input_ids"], tokens["attention_mask"], **settings)
+            per_image = new_ids.shape[0] // len(chunk)  # num_return_sequences rows per image, image by image
+            outputs = [{GENERATED_TEXT: self._text(chunk[row // per_image], prompt_ids[row // per_image], ids,
+                                                   full_text)}
+                       for row, ids in enumerate(new_ids.cpu().tolist())]
+            results += outputs if per_image == 1 else [outputs[i:i + per_image]
+                                                       for i in range(0, len(outputs), per_image)]
+        return results[0] if single else results
+
+    def _text(self, prompt: str, prompt_ids: list[int], new_ids: list[int], full_text: bool) -> str:
+        continuation = self.processor.continuation(prompt_ids, new_ids)
+        return (prompt + continuation).strip() if full_text else continuation.strip()
+
+    @staticmethod
+    def _split_prompts(batch: list, prompt: str | Sequence[str] | None) -> tuple[list[ImageInput], list[str | None]]:
+        """(images, one prompt or None per image) from the inputs (dicts included) and ``prompt``."""
+        given = [item.get("prompt") if isinstance(item, dict) else None for item in batch]
+        images = []
+        for item in batch:
+            if isinstance(item, dict):
+                if "image" not in item or set(item) - {"image", "prompt"}:
+                    raise ValueError(f"an input dict needs 'image' and may have 'prompt'; got keys {sorted(item)}")
+                item = item["image"]
+            images.append(item)
+        if prompt is None:
+            return images, given
+        if any(text is not None for text in given):
+            raise ValueError("prompts given twice: in the input dicts and as prompt=; give them one way")
+        if isinstance(prompt, str):
+            return images, [prompt] * len(images)
+        prompts = list(prompt)
+        if len(prompts) != len(images):
+            raise ValueError(f"got {len(prompts)} prompts for {len(images)} images: give one prompt for all, or one "
+                             "per image")
+        return images, prompts
+
+
 PIPELINES: dict[str, type[_Pipeline]] = {
     ZeroShotImageClassificationPipeline.task: ZeroShotImageClassificationPipeline,
     ImageTextRetrievalPipeline.task: ImageTextRetrievalPipeline,
     "feature_extraction": ImageTextRetrievalPipeline,
+    ImageToTextGenerationPipeline.task: ImageToTextGenerationPipeline,
 }
+
+
+def _saved_folder(source: str | os.PathLike | None) -> Path | None:
+    """The folder a model was read from (a preset's under $BLIP2_HOME), or None (an object, or a file)."""
+    if source is None:
+        return None
+    if str(source) in registry.PRESETS:
+        return registry.get_preset(str(source)).directory()
+    return Path(source) if Path(source).is_dir() else None
+
+
+def _image_processor(model, source: str | os.PathLike | None) -> Blip2ImageProcessor:
+    """The image processor saved with ``source`` (a preset or a folder) if any, else one from the model's config."""
+    if source is not None and (str(source) in registry.PRESETS or Path(source).is_dir()):
+        with contextlib.suppress(FileNotFoundError):
+            return Blip2ImageProcessor.from_pretrained(source)
+    config = model.config
+    preset = registry.PRESETS.get(config.checkpoint_name_or_path or "")
+    stats = (preset.image_mean, preset.image_std) if preset is not None else ()  # else CLIP's, the default
+    return Blip2ImageProcessor(config.vision_config.image_size, *stats)
 
 
 def default_processor(model: Blip2Qformer, source: str | os.PathLike | None = None) -> Blip2Processor:
@@ -212,32 +350,69 @@ def default_processor(model: Blip2Qformer, source: str | os.PathLike | None = No
     if source is not None and (str(source) in registry.PRESETS or Path(source).is_dir()):
         with contextlib.suppress(FileNotFoundError):
             return Blip2Processor.from_pretrained(source)
-    config = model.config
-    preset = registry.PRESETS.get(config.checkpoint_name_or_path or "")
-    stats = (preset.image_mean, preset.image_std) if preset is not None else ()  # else CLIP's, the default
-    image_processor = Blip2ImageProcessor(config.vision_config.image_size, *stats)
-    return Blip2Processor(image_processor, load_tokenizer(), config.max_txt_len)
+    return Blip2Processor(_image_processor(model, None), load_tokenizer(), model.config.max_txt_len)
 
 
-def pipeline(task: str, model: Blip2Qformer | str | os.PathLike | None = None,
-             processor: Blip2Processor | None = None, device: str | torch.device | None = None,
-             **kwargs) -> _Pipeline:
-    """A callable for ``task`` with ``model`` (a Blip2Qformer, a preset name or a path ``from_pretrained`` reads).
+def generation_processor(model: Blip2ImageToTextGeneration, source: str | os.PathLike | None = None,
+                         tokenizer: PreTrainedTokenizerBase | str | os.PathLike | None = None
+                         ) -> Blip2GenerationProcessor:
+    """The image processor saved with ``source`` (else one from the model's config) and the LLM's tokenizer:
+    ``tokenizer`` (a tokenizer or a folder), else the LLM folder's (``model.llm_folder``), else one saved in the
+    model's folder (``source``: a transformers BLIP-2 folder with its processor, or ours with
+    ``Blip2GenerationProcessor.save_pretrained``)."""
+    from blip2.llm import has_tokenizer_files, load_llm_tokenizer
 
-    ``processor`` defaults to the one for the model; ``device`` to the model's. Other keyword arguments are the
-    pipeline's defaults (``candidate_labels``, ``hypothesis_template``, ``top_k``, ``batch_size``, ...).
+    image_processor = _image_processor(model, source)
+    if tokenizer is not None:
+        if isinstance(tokenizer, (str, os.PathLike)):
+            tokenizer = load_llm_tokenizer(tokenizer)
+        return Blip2GenerationProcessor(image_processor, tokenizer)
+    model_folder = _saved_folder(source)
+    candidates = [("the LLM folder", model.llm_folder), ("the model folder", model_folder)]
+    looked = []
+    for what, folder in candidates:
+        if folder is not None and has_tokenizer_files(folder):
+            return Blip2GenerationProcessor(image_processor, load_llm_tokenizer(folder))
+        looked.append(f"{what} {folder}" if folder is not None else
+                      ("no LLM folder (text_config has no checkpoint_name_or_path)" if what == "the LLM folder"
+                       else "no model folder (the model was given as an object)"))
+    raise FileNotFoundError(
+        "no tokenizer for the LLM: looked for tokenizer.json, tokenizer.model or vocab.json + merges.txt in "
+        + "; ".join(looked) + ". Pass tokenizer= (a tokenizer or its folder), or save one beside the model with "
+        "Blip2GenerationProcessor(image_processor, tokenizer).save_pretrained(folder)"
+    )
+
+
+def pipeline(task: str, model: Blip2Qformer | Blip2ImageToTextGeneration | str | os.PathLike | None = None,
+             processor: Blip2Processor | Blip2GenerationProcessor | None = None,
+             device: str | torch.device | None = None,
+             tokenizer: PreTrainedTokenizerBase | str | os.PathLike | None = None, **kwargs) -> _Pipeline:
+    """A callable for ``task`` with ``model``: a Blip2Qformer (stage-1 tasks) or a Blip2ImageToTextGeneration
+    (``image_to_text_generation``), or a preset name or a path ``from_pretrained`` reads.
+
+    ``processor`` defaults to the one for the model; ``device`` to the model's. ``tokenizer`` (generation only) is
+    the LLM's tokenizer or its folder, when neither the LLM folder nor the model folder has one. Other keyword
+    arguments are the pipeline's defaults (``candidate_labels``, ``hypothesis_template``, ``top_k``, ``batch_size``,
+    generation settings such as ``max_new_tokens``, ...).
     """
     if task not in PIPELINES:
         raise ValueError(f"unknown task {task!r}; available tasks: {', '.join(PIPELINES)}")
+    pipeline_class = PIPELINES[task]
+    model_class = pipeline_class.model_class
+    generation = pipeline_class is ImageToTextGenerationPipeline
     if model is None:
-        raise ValueError(f"pipeline({task!r}) needs model=: a Blip2Qformer, a preset name "
-                         f"({', '.join(registry.names('stage1'))}) or a path")
+        raise ValueError(f"pipeline({task!r}) needs model=: a {model_class.__name__}, a preset name "
+                         f"({', '.join(registry.names(model_class.preset_group))}) or a path")
+    if tokenizer is not None and (not generation or processor is not None):
+        raise ValueError("tokenizer= is for image_to_text_generation without processor= (a processor carries its "
+                         "own tokenizer)")
     source = None
     if isinstance(model, (str, os.PathLike)):
-        source, model = model, Blip2Qformer.from_pretrained(model)
-    if not isinstance(model, Blip2Qformer):
-        raise TypeError(f"{task} needs a Blip2Qformer (stage-1) model, got {type(model).__name__}")
+        source, model = model, model_class.from_pretrained(model)
+    if not isinstance(model, model_class):
+        stage = "stage-2" if generation else "stage-1"
+        raise TypeError(f"{task} needs a {model_class.__name__} ({stage}) model, got {type(model).__name__}")
     if processor is None:
-        processor = default_processor(model, source)
+        processor = generation_processor(model, source, tokenizer) if generation else default_processor(model, source)
     device = torch.device(device) if device is not None else model.device
-    return PIPELINES[task](model, processor, device, **kwargs)
+    return pipeline_class(model, processor, device, **kwargs)

@@ -22,9 +22,12 @@ def chance_r_mean(num_images: int, captions_per_image: int, trials: int = 20) ->
 
 def test_ci_sized_demo_beats_three_times_chance(tmp_path):
     results = run_demo(tmp_path / "demo", steps=150, device="cpu", num_train=400, num_test=40, images_per_class=5,
-                       batch_size=32)
+                       batch_size=32, stage2_steps=40, llm_steps=60)
     chance = chance_r_mean(40, 3)
     assert results["retrieval"]["r_mean"] >= 3 * chance, (results["retrieval"], chance)
     assert results["classification"]["top1"] >= 3 * 100 / 16, results["classification"]
     report = (tmp_path / "demo" / "report.md").read_text()
     assert "Zero-shot classification" in report and (tmp_path / "demo" / "loss_curves.png").stat().st_size > 1000
+    stage2 = results["stage2"]
+    assert stage2["images"] == 40 and {"Bleu_4", "CIDEr"} <= stage2["captions"].keys()
+    assert "Stage 2" in report and (tmp_path / "demo" / "stage2" / "model" / "model.safetensors").is_file()

@@ -54,14 +54,15 @@ def build_hf_retrieval():
     return randomize_(Blip2ForImageTextRetrieval(config))
 
 
-def build_hf_generation():
+def build_hf_generation(vocab_size: int = VOCAB, image_token_index: int = VOCAB - 2):
+    """A random Blip2ForConditionalGeneration with a one-layer OPT (bos 2, pad 1, eos 2) of ``vocab_size`` words."""
     from transformers import Blip2Config, Blip2ForConditionalGeneration, OPTConfig
 
     vision, qformer = hf_configs(text_input=False)
-    text = OPTConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, ffn_dim=37, num_attention_heads=2,
+    text = OPTConfig(vocab_size=vocab_size, hidden_size=16, num_hidden_layers=1, ffn_dim=37, num_attention_heads=2,
                      max_position_embeddings=64, word_embed_proj_dim=16)
     config = Blip2Config(vision_config=vision, qformer_config=qformer, text_config=text.to_dict(),
-                         num_query_tokens=NUM_QUERIES, image_token_index=VOCAB - 2)
+                         num_query_tokens=NUM_QUERIES, image_token_index=image_token_index)
     return randomize_(Blip2ForConditionalGeneration(config), seed=1)
 
 

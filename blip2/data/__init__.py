@@ -7,7 +7,7 @@ from blip2.data.captions import (
     read_annotations,
 )
 from blip2.data.classification import Cifar100Dataset, ImageFolderDataset, readable_class_name
-from blip2.data.collate import ImageCollator, ImageTextCollator
+from blip2.data.collate import ImageCaptionLMCollator, ImageCollator, ImageTextCollator
 from blip2.data.shapes import ShapesDatasetInfo, generate_shapes_dataset, shapes_caption_fields
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "ImageFolderDataset",
     "Cifar100Dataset",
     "readable_class_name",
+    "ImageCaptionLMCollator",
     "ImageTextCollator",
     "ImageCollator",
     "ShapesDatasetInfo",

@@ -62,3 +62,49 @@ class ImageCollator:
         if "label" in kept[0]:
             batch["labels"] = torch.tensor([item["label"] for item in kept])  # (B,)
         return batch
+
+
+class ImageCaptionLMCollator:
+    """Stage-2 training items ``dict(image, caption, index)`` -> pixel_values, LLM input_ids, attention_mask, labels.
+
+    Each text is ``prompt caption`` (the data set already put the prompt in front) tokenized by the LLM's tokenizer
+    (its BOS, if it adds one), then EOS, right-padded. ``labels`` are the ids with padding and the prompt's tokens
+    (BOS included) set to -100, as LAVIS masks ``prompt_length`` tokens: the loss is on the caption and its EOS.
+    """
+
+    def __init__(self, image_processor: ImageProcessor, tokenizer: Callable[..., Any], max_length: int = 32,
+                 prompt: str = "", train: bool = True) -> None:
+        if tokenizer.eos_token_id is None or tokenizer.pad_token_id is None:
+            raise ValueError("the LLM tokenizer needs an eos and a pad token for stage-2 training")
+        self.image_processor = image_processor
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.train = train
+        self.prompt_length = len(tokenizer(prompt)["input_ids"])  # with "" just the BOS, if the tokenizer adds one
+
+    def __call__(self, items: Sequence[Item]) -> dict[str, torch.Tensor | int] | None:
+        kept = [item for item in items if item is not None]
+        if not kept:
+            return None
+        seeds = [item["seed"] for item in kept] if "seed" in kept[0] else None
+        pixel_values = self.image_processor([item["image"] for item in kept], train=self.train,
+                                            seeds=seeds)["pixel_values"]
+        rows = self.tokenizer([item["caption"] for item in kept], truncation=True,
+                              max_length=self.max_length - 1)["input_ids"]
+        rows = [list(row) + [self.tokenizer.eos_token_id] for row in rows]
+        length = max(len(row) for row in rows)
+        input_ids = torch.full((len(rows), length), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, row in enumerate(rows):
+            input_ids[i, : len(row)] = torch.tensor(row)
+            attention_mask[i, : len(row)] = 1
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        labels[:, : self.prompt_length] = -100
+        return {
+            "pixel_values": pixel_values,  # (B, 3, S, S)
+            "input_ids": input_ids,  # (B, L) right-padded
+            "attention_mask": attention_mask,  # (B, L)
+            "labels": labels,  # (B, L)
+            "indices": torch.tensor([item["index"] for item in kept]),
+            "num_skipped_in_batch": len(items) - len(kept),
+        }

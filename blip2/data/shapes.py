@@ -9,6 +9,7 @@ caption names the colour and the shape, so a tiny Q-Former trained a few minutes
     annotations/test.json    LAVIS eval layout: one record per image, "caption" is a list
     images/{train,test}/NNNNN.png
     classes/<colour>_<shape>/NNN.png   held-out images (own random stream) for zero-shot classification
+    vocab.txt                the bert-base-uncased word pieces these captions and prompts use (see ``write_vocab``)
     dataset_info.json
 
 The same arguments give byte-identical files.
@@ -70,6 +71,9 @@ TEST_ANNOTATION = "annotations/test.json"
 IMAGE_DIR = "images"
 CLASSES_DIR = "classes"
 INFO_FILE = "dataset_info.json"
+VOCAB_FILE = "vocab.txt"
+PROMPT_WORDS = "this is a photo of an image picture."  # the zero-shot templates' words
+NUM_SPECIAL_PIECES = 104  # bert-base-uncased ids 0..103: [PAD], [unused0..98], [UNK], [CLS], [SEP], [MASK]
 
 
 @dataclass(frozen=True)
@@ -168,6 +172,31 @@ def make_captions(spec: ShapeSpec, rng: np.random.Generator, count: int) -> list
     return captions
 
 
+def vocabulary_words() -> list[str]:
+    """Every word a caption or a zero-shot prompt of this data set can contain."""
+    texts = [*TEMPLATES, *COLOURS, *SHAPES, PROMPT_WORDS]
+    texts += [w for words in (*SIZE_WORDS.values(), *WHERE.values(), *BACKGROUND_WORDS.values()) for w in words]
+    return sorted({w for text in texts for w in re.findall(r"[a-z]+|[.,]", re.sub(r"{[a-z]+}", " ", text.lower()))})
+
+
+def write_vocab(path: str | os.PathLike, full_vocab_file: str | os.PathLike | None = None) -> int:
+    """Write the bert-base-uncased word pieces the shapes captions use, in their original order; return the count.
+
+    The first ``NUM_SPECIAL_PIECES`` entries are kept as they are, so [PAD]=0, [UNK]=100, [CLS]=101, [SEP]=102 and
+    [MASK]=103 keep their ids, and ``[DEC]`` becomes the id after the last piece. A Q-Former over this vocabulary
+    tokenizes exactly as over the full one but has a ~200-row instead of a 30523-row embedding and LM head, which
+    makes the demo's training steps several times faster on a CPU.
+    """
+    from blip2.processing.tokenizer import DEFAULT_VOCAB_FILE, load_tokenizer
+
+    full = load_tokenizer(full_vocab_file)
+    pieces = {piece for word in vocabulary_words() for piece in full.tokenize(word)}
+    lines = Path(full_vocab_file or DEFAULT_VOCAB_FILE).read_text(encoding="utf-8").splitlines()
+    kept = lines[:NUM_SPECIAL_PIECES] + [line for line in lines[NUM_SPECIAL_PIECES:] if line in pieces]
+    Path(path).write_text("\n".join(kept) + "\n", encoding="utf-8")
+    return len(kept)
+
+
 def _prepare(out_dir: Path) -> None:
     """Reuse a folder this generator wrote (its old files are removed); refuse any other non-empty folder."""
     if out_dir.is_dir() and any(out_dir.iterdir()):
@@ -250,6 +279,7 @@ def generate_shapes_dataset(
             spec = _sample_spec(class_rng, colour, shape)
             _save_png(render_shape(spec, class_rng, image_size), out / CLASSES_DIR / class_name / f"{i:03d}.png")
 
+    write_vocab(out / VOCAB_FILE)
     _write_records(out / TRAIN_ANNOTATION, train_records)
     _write_records(out / TEST_ANNOTATION, test_records)
     info = ShapesDatasetInfo(out, TRAIN_ANNOTATION, TEST_ANNOTATION, IMAGE_DIR, CLASSES_DIR,

@@ -45,12 +45,16 @@ class TextTransformConfig(_ConfigBase):
 class TokenizerConfig(_ConfigBase):
     type: str = "BertTokenizer"
     max_length: int = 32
-    vocab_file: str | None = None  # None: the bert-base-uncased vocabulary shipped with the package
+    # None: the bert-base-uncased vocabulary shipped with the package; a relative path is read from the data set's
+    # dataset_dir, like the annotation files (the generated shapes data carries its own trimmed vocab.txt)
+    vocab_file: str | None = None
     padding: str = "max_length"
 
 
 @dataclass
 class DatasetConfig(_ConfigBase):
+    """One data set section of a run YAML (``train_dataset`` / ``eval_dataset``)."""
+
     data_loader: DataLoaderConfig = field(default_factory=DataLoaderConfig)
     text_transforms: TextTransformConfig = field(default_factory=TextTransformConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)

@@ -1,7 +1,8 @@
 """Tasks plug into the Trainer: each builds its data, computes a training step, evaluates, or predicts.
 
 Names are the seed's: ``contrastive_language_image_pretrain`` (stage-1 training; its evaluation is retrieval),
-``image_to_text_retrieval`` and ``zero_shot_image_classification``.
+``image_to_text_retrieval`` and ``zero_shot_image_classification`` here; the stage-2 tasks
+(``image_to_text_generation`` and its training) are in ``generation_tasks.py``.
 """
 
 from __future__ import annotations
@@ -67,6 +68,13 @@ def encode_images(model, loader: DataLoader, device: torch.device, keep_embeds: 
 class Task:
     name = ""
     trains = False
+
+    def train_collator(self, trainer, dataset_cfg):
+        """Training items -> batches: images and Q-Former tokens (stage 1)."""
+        from blip2.data import ImageTextCollator
+
+        return ImageTextCollator(trainer.image_processor, trainer.tokenizer, max_length=dataset_cfg.tokenizer.max_length,
+                                 train=dataset_cfg.augment, padding=dataset_cfg.tokenizer.padding)
 
     def training_step(self, model, batch: dict[str, Any], gather) -> dict[str, torch.Tensor]:
         raise NotImplementedError(f"task {self.name!r} does not train")
@@ -206,14 +214,20 @@ class ZeroShotClassificationTask(Task):
         return ranked_labels(probs, labels, top_k)
 
 
-TASKS: dict[str, type[Task]] = {
-    PretrainTask.name: PretrainTask,
-    RetrievalTask.name: RetrievalTask,
-    ZeroShotClassificationTask.name: ZeroShotClassificationTask,
-}
+def _all_tasks() -> dict[str, type[Task]]:
+    from blip2.engine.generation_tasks import GenerationPretrainTask, ImageToTextGenerationTask
+
+    tasks = (PretrainTask, RetrievalTask, ZeroShotClassificationTask, GenerationPretrainTask,
+             ImageToTextGenerationTask)
+    return {task.name: task for task in tasks}
 
 
-def get_task(name: str) -> Task:
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; available tasks: {', '.join(TASKS)}")
-    return TASKS[name]()
+def get_task(name: str, stage2: bool = False) -> Task:
+    """The task called ``name``; for a stage-2 model the seed's ``contrastive_language_image_pretrain`` means
+    stage-2 training (``image_to_text_generation_pretrain``)."""
+    tasks = _all_tasks()
+    if stage2 and name == PretrainTask.name:
+        name = "image_to_text_generation_pretrain"
+    if name not in tasks:
+        raise ValueError(f"unknown task {name!r}; available tasks: {', '.join(tasks)}")
+    return tasks[name]()

@@ -57,6 +57,33 @@ class EpochSeeded(Dataset):
         return item
 
 
+STAGE1_ARCHS = ("Blip2Qformer", "Blip2Classifier", "Blip2ItmEvaluator")
+STAGE2_ARCHS = ("Blip2ImageToTextGeneration", "Blip2Llm")
+
+
+def vocab_file_of(dataset_cfg: DatasetConfig | None) -> Path | None:
+    """The data set section's vocabulary file; a relative path is read from its dataset_dir."""
+    if dataset_cfg is None or not dataset_cfg.tokenizer.vocab_file:
+        return None
+    path = Path(dataset_cfg.tokenizer.vocab_file).expanduser()
+    return path if path.is_absolute() else Path(dataset_cfg.data_loader.dataset_dir) / path
+
+
+def check_tokenizer_fits(tokenizer, config: Blip2Config) -> None:
+    """A Q-Former tokenizer must agree with the model's vocabulary size and [DEC] / [SEP] / [PAD] ids."""
+    qformer = config.qformer_config
+    expected = {"bos_token_id ([DEC])": (tokenizer.bos_token_id, qformer.bos_token_id),
+                "sep_token_id ([SEP])": (tokenizer.sep_token_id, qformer.sep_token_id),
+                "pad_token_id ([PAD])": (tokenizer.pad_token_id, qformer.pad_token_id)}
+    wrong = [f"{name} is {got} in the tokenizer but {want} in qformer_config" for name, (got, want) in expected.items()
+             if got is not None and got != want]
+    if len(tokenizer) > qformer.vocab_size:
+        wrong.append(f"the tokenizer has {len(tokenizer)} tokens but qformer_config.vocab_size is {qformer.vocab_size}")
+    if wrong:
+        raise ValueError("tokenizer and model do not fit: " + "; ".join(wrong) + " (set tokenizer.vocab_file or "
+                         "model_config.qformer_config to match)")
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -117,8 +144,13 @@ class Trainer:
         from blip2.processing import Blip2ImageProcessor, load_tokenizer
 
         dataset_cfg = config.train_dataset or config.eval_dataset
-        vocab_file = dataset_cfg.tokenizer.vocab_file if dataset_cfg else None
-        self.tokenizer = tokenizer or load_tokenizer(vocab_file)
+        self.stage2 = hasattr(distributed.unwrap(self.model), "language_model")
+        if self.stage2:
+            self.task = get_task(config.trainer.type, stage2=True)
+            self.tokenizer = tokenizer or self._llm_tokenizer(dataset_cfg)
+        else:
+            self.tokenizer = tokenizer or load_tokenizer(vocab_file_of(dataset_cfg) or self._checkpoint_vocab())
+            check_tokenizer_fits(self.tokenizer, self.model_config)
         image_size = (dataset_cfg.image_size if dataset_cfg and dataset_cfg.image_size else
                       self.model_config.vision_config.image_size)
         self.image_processor = image_processor or Blip2ImageProcessor(image_size=image_size, seed=config.seed)
@@ -139,19 +171,37 @@ class Trainer:
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         return torch.device("cpu")
 
+    def _model_class(self):
+        """Blip2ImageToTextGeneration for the stage-2 arch names (or a config with text_config), else Blip2Qformer."""
+        from blip2.models import Blip2ImageToTextGeneration, Blip2Qformer
+
+        section = self.config.model
+        arch = (section.arch or {}).get("type", "Blip2Qformer") if section is not None else "Blip2Qformer"
+        if arch in STAGE2_ARCHS or (section is not None and section.model_config.text_config is not None):
+            return Blip2ImageToTextGeneration
+        if arch not in STAGE1_ARCHS:
+            raise ValueError(f"unknown model.arch.type {arch!r}; available: {', '.join(STAGE1_ARCHS + STAGE2_ARCHS)}")
+        return Blip2Qformer
+
     def _build_model(self) -> torch.nn.Module:
         from blip2 import registry
-        from blip2.models import Blip2Qformer
 
         cfg = self.config
+        model_class = self._model_class()
         model_config = cfg.model.model_config if cfg.model is not None else None
-        source = cfg.load_checkpoint or (model_config.checkpoint_name_or_path if model_config else None)
-        if source:
+        if cfg.load_checkpoint:
             # folders and presets carry their own config; a LAVIS .pth has none, so the YAML's model_config serves
+            carries_config = not str(cfg.load_checkpoint).endswith((".pth", ".pt", ".bin"))
+            return model_class.from_pretrained(cfg.load_checkpoint, config=None if carries_config else model_config)
+        source = model_config.checkpoint_name_or_path if model_config else None
+        if source and model_class.preset_group != "stage1":
+            # stage 2 starts from a stage-1 checkpoint (or a stage-2 one) under the YAML's stage-2 config
+            return model_class.from_pretrained(source, config=model_config)
+        if source:
             carries_config = not str(source).endswith((".pth", ".pt", ".bin"))
-            return Blip2Qformer.from_pretrained(source, config=None if carries_config else model_config)
+            return model_class.from_pretrained(source, config=None if carries_config else model_config)
         if model_config is not None:
-            model = Blip2Qformer(model_config)
+            model = model_class(model_config)
             self._initialise_from_parts(model)
             preset = registry.PRESETS.get(cfg.trainer.model_name or "")
             if model_config.freeze_vision and preset is not None and preset.files and not cfg.model.vit_checkpoint:
@@ -159,7 +209,7 @@ class Trainer:
                                "load_checkpoint to start from pretrained weights")
             return model
         if cfg.trainer.model_name:
-            return Blip2Qformer.from_pretrained(cfg.trainer.model_name)
+            return model_class.from_pretrained(cfg.trainer.model_name)
         raise ValueError("no model: pass model=, or set load_checkpoint, model.model_config or trainer.model_name")
 
     def _initialise_from_parts(self, model) -> None:
@@ -178,6 +228,24 @@ class Trainer:
             logger.info("Q-Former initialised from %s; %d tensors start fresh", section.bert_checkpoint,
                         len(report.missing))
         model.apply_freezing()
+
+    def _llm_tokenizer(self, dataset_cfg: DatasetConfig | None):
+        """Stage 2: tokenizer.vocab_file (a tokenizer folder or file), else the LLM's folder, else load_checkpoint."""
+        from blip2.llm import load_llm_tokenizer
+
+        model = distributed.unwrap(self.model)
+        candidates = [vocab_file_of(dataset_cfg), model.llm_folder, self.config.load_checkpoint]
+        source = next((Path(c) for c in candidates if c), None)
+        if source is None:
+            raise ValueError("stage 2 needs the LLM's tokenizer: set train_dataset.tokenizer.vocab_file to its folder, "
+                             "or model_config.text_config.checkpoint_name_or_path to the LLM folder")
+        return load_llm_tokenizer(source.parent if source.is_file() else source)
+
+    def _checkpoint_vocab(self) -> Path | None:
+        """The vocab.txt saved beside the model that load_checkpoint names, if any."""
+        source = self.config.load_checkpoint
+        vocab = Path(source) / "vocab.txt" if source else None
+        return vocab if vocab is not None and vocab.is_file() else None
 
     @property
     def model_config(self) -> Blip2Config:
@@ -230,8 +298,6 @@ class Trainer:
     # --- training ------------------------------------------------------------------------------------------------
     def train(self, resume: bool | str | None = None) -> dict[str, float]:
         """Train; ``resume=True`` continues from the latest checkpoint in output_dir, a path from that one."""
-        from blip2.data import ImageTextCollator
-
         if not self.task.trains:
             raise ValueError(f"task {self.task.name!r} does not train; use evaluate() or predict()")
         if self.train_dataset is None:
@@ -280,8 +346,7 @@ class Trainer:
                 ckpt.set_rng_state(state["rng"])
             logger.info("resumed from %s at step %d", resume_path, self.global_step)
 
-        collate = ImageTextCollator(self.image_processor, self.tokenizer, max_length=dataset_cfg.tokenizer.max_length,
-                                    train=dataset_cfg.augment, padding=dataset_cfg.tokenizer.padding)
+        collate = self.task.train_collator(self, dataset_cfg)
         log_path = self.output_dir / "train_log.jsonl"
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -308,7 +373,7 @@ class Trainer:
                 saved_at[0] = self.global_step
                 logger.info("saved checkpoint %s", path)
             if final and self.is_main:
-                raw_model.save_pretrained(self.output_dir / "model")
+                self.save_model(raw_model, self.output_dir / "model")
 
         epoch, batches_done = start_epoch, skip_batches
         try:
@@ -368,6 +433,15 @@ class Trainer:
         finally:
             progress.close()
         return last_metrics
+
+    def save_model(self, model, directory: Path) -> None:
+        """The model plus what reads its inputs (image settings, vocabulary), so ``pipeline(model=directory)``
+        and ``from_pretrained(directory)`` need nothing else."""
+        from blip2.processing import Blip2Processor
+
+        model.save_pretrained(directory)
+        if not self.stage2:  # a stage-2 folder refers to its LLM's folder, which holds the tokenizer
+            Blip2Processor(self.image_processor, self.tokenizer, self.text_max_length).save_pretrained(directory)
 
     @staticmethod
     def _accumulate(window: dict, values: dict[str, float], images: int) -> None:

@@ -125,15 +125,18 @@ class Blip2ImageToTextGeneration(Blip2PreTrainedModel):
         ``generation_kwargs`` go to the LLM's ``generate``: ``max_new_tokens``, ``min_new_tokens``, ``num_beams``,
         ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``, ``length_penalty``,
         ``eos_token_id``, ``num_return_sequences``, ... (``max_length`` counts the Q query positions and the prompt).
-        What they leave out comes from ``generation_defaults``.
+        What they leave out comes from ``generation_defaults``. With ``text_config.seq_length`` set, a prompt that
+        leaves no room in it for the queries and ``max_new_tokens`` (or for one token below ``max_length``) raises
+        ValueError, naming the lengths.
         """
         defaults = self.generation_defaults()
         if {"max_length", "max_new_tokens"} & generation_kwargs.keys():  # the caller's length limit replaces ours
             defaults = {key: value for key, value in defaults.items() if key not in ("max_length", "max_new_tokens")}
         generation_kwargs = {**defaults, **generation_kwargs}
-        image_features = self.get_image_features(pixel_values)  # (B, Q, D_llm)
         if input_ids is None:
-            input_ids = self._bos_ids(image_features.shape[0], image_features.device)
+            input_ids = self._bos_ids(pixel_values.shape[0], pixel_values.device)
+        self._check_sequence_budget(input_ids.shape[1], generation_kwargs)
+        image_features = self.get_image_features(pixel_values)  # (B, Q, D_llm)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         inputs_embeds, llm_mask = self.llm_inputs(image_features, input_ids, attention_mask)
@@ -166,6 +169,30 @@ class Blip2ImageToTextGeneration(Blip2PreTrainedModel):
         else:
             defaults["max_new_tokens"] = self.config.max_txt_len
         return defaults
+
+    def _check_sequence_budget(self, prompt_length: int, generation_kwargs: dict) -> None:
+        """With ``text_config.seq_length`` set, the queries, the prompt and the new tokens must fit in it (the seed's
+        static sequence); a prompt that leaves no room is refused here rather than cut or overrun."""
+        seq_length = self.config.text_config.get("seq_length")
+        if not seq_length:
+            return
+        queries = self.config.qformer_config.query_length
+        max_new_tokens = generation_kwargs.get("max_new_tokens")
+        if max_new_tokens is not None:
+            if queries + prompt_length + max_new_tokens > seq_length:
+                raise ValueError(
+                    f"the prompt is too long: {prompt_length} tokens, but text_config.seq_length={seq_length} holds "
+                    f"query_length={queries} + the prompt + max_new_tokens={max_new_tokens}, which leaves room for "
+                    f"at most {seq_length - queries - max_new_tokens} prompt tokens"
+                )
+            return
+        max_length = generation_kwargs.get("max_length")
+        if max_length is not None and queries + prompt_length >= max_length:
+            raise ValueError(
+                f"the prompt is too long: {prompt_length} tokens, but max_length={max_length} (which counts "
+                f"query_length={queries} and the prompt; text_config.seq_length={seq_length}) leaves no room for a "
+                f"new token: at most {max_length - queries - 1} prompt tokens"
+            )
 
     # --- saving --------------------------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike, include_llm: bool | None = None) -> None:

@@ -1,4 +1,5 @@
-"""Blip2Processor: the image processor and the Q-Former tokenizer behind one call."""
+"""Blip2Processor: the image processor and the Q-Former tokenizer behind one call; Blip2GenerationProcessor: the
+image processor and the LLM tokenizer (stage 2)."""
 
 from __future__ import annotations
 
@@ -93,3 +94,87 @@ class Blip2Processor:
             raise ValueError("the tokenizer's vocabulary ids are not contiguous from 0; cannot write vocab.txt")
         with open(Path(directory) / VOCAB_FILE, "w", encoding="utf-8") as handle:
             handle.write("".join(f"{token}\n" for token in tokens))
+
+
+class Blip2GenerationProcessor:
+    """Stage 2: images to ``pixel_values``; prompts to left-padded LLM ``input_ids`` and ``attention_mask``;
+    generated tokens back to text.
+
+    A prompt is tokenized as ``[the tokenizer's leading special tokens][prompt tokens]``: BOS for Llama and OPT (as
+    transformers' BLIP-2 processor gives it, and as ``Blip2ImageToTextGeneration.generate`` starts without a prompt),
+    nothing for Baichuan-7B (as in the seed). A trailing EOS the tokenizer may append is never added: a prompt is
+    continued, not ended. Prompts are neither cleaned nor truncated: the model refuses one that does not fit.
+    """
+
+    def __init__(self, image_processor: Blip2ImageProcessor, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.image_processor = image_processor
+        self.tokenizer = tokenizer
+        self.prefix_ids = _leading_special_ids(tokenizer)
+
+    def __call__(
+        self, images: ImageInput | Sequence[ImageInput] | None = None, text: str | Sequence[str] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """``pixel_values`` (B, 3, S, S) and/or left-padded ``input_ids``, ``attention_mask`` (B, L)."""
+        if images is None and text is None:
+            raise ValueError("give images, text or both")
+        out: dict[str, torch.Tensor] = {}
+        if images is not None:
+            out.update(self.image_processor(images))
+        if text is not None:
+            texts = [text] if isinstance(text, str) else list(text)
+            if not texts:
+                raise ValueError("no text given")
+            out.update(self.pad(self.encode(texts)))
+        return out
+
+    def encode(self, prompts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each prompt: the leading special tokens, then the prompt's own tokens."""
+        if not all(isinstance(prompt, str) for prompt in prompts):
+            raise TypeError("prompts must be strings")
+        plain = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"] if prompts else []
+        return [self.prefix_ids + ids for ids in plain]
+
+    def pad(self, rows: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+        """Left-pad ``rows`` to the longest: the generated tokens then follow every prompt's last token directly."""
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        length = max(len(row) for row in rows)
+        input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for index, row in enumerate(rows):
+            if row:
+                input_ids[index, length - len(row):] = torch.tensor(row, dtype=torch.long)
+                attention_mask[index, length - len(row):] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    def continuation(self, prompt_ids: Sequence[int], new_ids: Sequence[int]) -> str:
+        """The text the new tokens add after the prompt, spacing included, as the tokenizer decodes the whole
+        sequence: " a dog" after "a photo of", "ture" after "a pic" (special tokens and padding skipped)."""
+        whole = self.tokenizer.decode(list(prompt_ids) + list(new_ids), skip_special_tokens=True)
+        head = self.tokenizer.decode(list(prompt_ids), skip_special_tokens=True)
+        if whole.startswith(head):
+            return whole[len(head):]
+        return " " + self.tokenizer.decode(list(new_ids), skip_special_tokens=True)  # a merge across the seam
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike) -> "Blip2GenerationProcessor":
+        """A folder with ``preprocessor_config.json`` (or our ``config.yaml``) and the LLM's tokenizer files."""
+        from blip2.llm import load_llm_tokenizer  # transformers' tokenizer classes, loaded for stage 2 only
+
+        return cls(Blip2ImageProcessor.from_pretrained(folder), load_llm_tokenizer(folder))
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write ``preprocessor_config.json`` and the tokenizer's own files (e.g. beside a model's config.yaml, so
+        ``pipeline("image_to_text_generation", model=directory)`` finds both)."""
+        self.image_processor.save_pretrained(directory)
+        self.tokenizer.save_pretrained(str(directory))
+
+
+def _leading_special_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The ids the tokenizer puts before a text's own tokens (e.g. ``[BOS]``), found by encoding a probe word."""
+    probe = "a"
+    full = tokenizer(probe, add_special_tokens=True)["input_ids"]
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return list(full[:start])
+    return []

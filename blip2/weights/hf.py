@@ -185,8 +185,14 @@ def read_native_state(path: Path, config: Blip2Config) -> tuple[dict[str, torch.
     source: dict[str, torch.Tensor] = {}
     for file in _weight_files(path):
         source.update(read_state_dict(file))
-    state, dropped = rename(_split_qkv_bias(source), HF_TO_NATIVE)
-    return eva.fit_pos_embed(state, config), dropped
+    return to_native(source, config)
+
+
+def to_native(state: dict[str, torch.Tensor], config: Blip2Config) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A transformers BLIP-2 state dict (e.g. a model's ``state_dict()`` in memory) in our names, and the keys
+    dropped on purpose."""
+    native, dropped = rename(_split_qkv_bias(state), HF_TO_NATIVE)
+    return eva.fit_pos_embed(native, config), dropped
 
 
 def to_hf(native_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
