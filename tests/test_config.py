@@ -84,3 +84,21 @@ def test_yaml_numbers_written_as_strings_become_numbers_or_are_named():
     assert config.lr_schedule.learning_rate == 2e-3
     with pytest.raises(ConfigError, match=r"lr_schedule\.learning_rate='fast' is not a number"):
         set_by_path(config, "lr_schedule.learning_rate", "fast")
+
+
+def test_every_shipped_run_config_loads_and_stage2_ones_fit_their_sequence():
+    from pathlib import Path
+
+    from blip2.engine.run_config import RunConfig
+
+    files = sorted((Path(__file__).resolve().parents[1] / "configs" / "blip2").glob("*.yaml"))
+    names = {f.name for f in files}
+    assert {"run_blip2_stage2_vit_g_llama_7b.yaml", "run_blip2_stage2_vit_g_baichuan_7b.yaml",
+            "run_blip2_stage2_vit_g_llama_7b_image_to_text_generation.yaml",
+            "run_blip2_stage2_vit_g_baichuan_7b_image_to_text_generation.yaml"} <= names
+    for path in files:
+        config = RunConfig.from_yaml(path)
+        model = config.model.model_config if config.model else None
+        if model is not None and model.text_config is not None:
+            seq_length = model.text_config["seq_length"]
+            assert seq_length >= model.qformer_config.query_length + model.max_txt_len, path.name
