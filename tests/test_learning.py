@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import torch
 
@@ -17,12 +16,9 @@ def test_tiny_model_halves_its_loss_within_200_steps(tmp_path):
     torch.manual_seed(0)
     model = Blip2Qformer.from_pretrained("blip2_tiny")
     config = run_config(data.root, tmp_path / "run", max_steps=200, batch_size=16, log_interval=20)
-    started = time.perf_counter()
     Trainer(task="contrastive_language_image_pretrain", model=model, config=config).train()
-    elapsed = time.perf_counter() - started
     log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     first, last = log[0]["loss"], log[-1]["loss"]
     assert log[-1]["step"] == 200
     assert last <= first / 2, f"total loss went from {first:.3f} to {last:.3f}: not halved"
     assert log[-1]["loss_lm"] < log[0]["loss_lm"] and log[-1]["loss_itc"] < log[0]["loss_itc"]
-    assert elapsed < 90, f"200 tiny steps took {elapsed:.0f} s"
