@@ -2,8 +2,14 @@
 
 Stage 2 needs a frozen LLM that already speaks; no pretrained weights can be downloaded here, so the demo makes one:
 a sentencepiece BPE tokenizer trained on the captions (Llama's layout: <unk>=0, <s>=1, </s>=2) and a tiny
-``LlamaForCausalLM`` trained on ``<s> caption </s>`` for a few hundred steps. The folder reads back through
-``blip2.llm.load_causal_lm`` / ``load_llm_tokenizer`` like any Llama folder.
+``LlamaForCausalLM`` trained for a few hundred steps. The folder reads back through ``blip2.llm.load_causal_lm`` /
+``load_llm_tokenizer`` like any Llama folder.
+
+What BLIP-2 relies on in a real LLM is that it reads its context: the projected queries are a soft prompt, and the LLM
+turns what they say into a sentence. A tiny LM trained only on ``<s> caption </s>`` never saw a context, so stage 2
+cannot lean on one. So half of the training sequences here are ``[a bag of the caption's word pieces, shuffled] <s>
+caption </s>`` (the loss on the caption only): the LM learns to write a caption that uses the words before it, the
+in-context skill a pretrained LLM brings, which the queries then learn to address in stage 2.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ def train_sentencepiece(texts: Sequence[str], path: str | os.PathLike, vocab_siz
 
 def train_caption_llm(texts: Sequence[str], out_dir: str | os.PathLike, steps: int = 300, batch_size: int = 64,
                       hidden_size: int = 128, num_layers: int = 2, vocab_size: int = 256, learning_rate: float = 3e-3,
-                      seed: int = 0) -> dict[str, float]:
+                      seed: int = 0, context_fraction: float = 0.5, max_context: int = 12) -> dict[str, float]:
     """Train the tokenizer and a tiny Llama on ``texts`` and save both in ``out_dir``; return the first/last loss."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -60,15 +66,9 @@ def train_caption_llm(texts: Sequence[str], out_dir: str | os.PathLike, steps: i
     rng = random.Random(seed)
     losses = []
     for _ in range(steps):
-        batch = [rng.choice(texts) for _ in range(batch_size)]
-        encoded = tokenizer(batch, padding="longest", padding_side="right", return_tensors="pt")
-        eos = torch.full((len(batch), 1), tokenizer.eos_token_id)
-        input_ids = torch.cat((encoded["input_ids"], eos), dim=1)
-        mask = torch.cat((encoded["attention_mask"], torch.zeros_like(eos)), dim=1)
-        lengths = mask.sum(1)
-        input_ids[torch.arange(len(batch)), lengths] = tokenizer.eos_token_id  # EOS right after each caption
-        mask[torch.arange(len(batch)), lengths] = 1
-        labels = input_ids.masked_fill(mask == 0, -100)
+        rows = [training_row(tokenizer, rng.choice(texts), rng, context_fraction, max_context)
+                for _ in range(batch_size)]
+        input_ids, mask, labels = pad_rows(rows, tokenizer.pad_token_id)
         loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         optimizer.step()
@@ -78,3 +78,29 @@ def train_caption_llm(texts: Sequence[str], out_dir: str | os.PathLike, steps: i
     model.eval().save_pretrained(out)
     logger.info("caption LM: loss %.3f -> %.3f in %d steps; saved to %s", losses[0], losses[-1], steps, out)
     return {"first_loss": losses[0], "last_loss": sum(losses[-20:]) / len(losses[-20:])}
+
+
+def training_row(tokenizer, text: str, rng: random.Random, context_fraction: float,
+                 max_context: int) -> tuple[list[int], list[int]]:
+    """(ids, labels) for ``[context] <s> text </s>``; the context, when drawn, is up to ``max_context`` of the text's
+    own word pieces in random order, and is never a target."""
+    caption = tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]  # <s> text </s>
+    context: list[int] = []
+    if rng.random() < context_fraction:
+        pieces = list(dict.fromkeys(caption[1:-1]))
+        rng.shuffle(pieces)
+        context = pieces[:max_context]
+    return context + caption, [-100] * (len(context) + 1) + caption[1:]
+
+
+def pad_rows(rows: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad (ids, labels) rows into input_ids, attention_mask and labels (B, L)."""
+    length = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    labels = torch.full((len(rows), length), -100, dtype=torch.long)
+    for i, (ids, targets) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        mask[i, : len(ids)] = 1
+        labels[i, : len(ids)] = torch.tensor(targets)
+    return input_ids, mask, labels
