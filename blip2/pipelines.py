@@ -268,26 +268,34 @@ class ImageToTextGenerationPipeline(_Pipeline):
         if not batch:
             raise ValueError("no images given")
         batch, prompts = self._split_prompts(batch, prompt)
+        batch_size = batch_size or self.batch_size
+        results: list = []
+        for start, pixel_values in zip(range(0, len(batch), batch_size), self._pixel_batches(batch, batch_size)):
+            results += self.generate_from_pixels(pixel_values, prompts[start:start + batch_size], hypothesis_template,
+                                                 return_full_text, **generation_kwargs)
+        return results[0] if single else results
+
+    @torch.no_grad()
+    def generate_from_pixels(self, pixel_values: torch.Tensor, prompts: str | Sequence[str | None] | None = None,
+                             hypothesis_template: str | None = None, return_full_text: bool | None = None,
+                             **generation_kwargs) -> list:
+        """The outputs for an already processed batch ``pixel_values`` (B, 3, S, S) on the pipeline's device;
+        ``prompts``: one for all images (or None) or one per image. Evaluation loops feed their batches here."""
+        if prompts is None or isinstance(prompts, str):
+            prompts = [prompts] * pixel_values.shape[0]
         template = hypothesis_template if hypothesis_template is not None else self.hypothesis_template
         _check_template(template)
         texts = [apply_template(template, text) for text in prompts]
         full_text = self.return_full_text if return_full_text is None else return_full_text
         settings = {**self.generation_kwargs, **generation_kwargs}
-        batch_size = batch_size or self.batch_size
-        results: list = []
-        for start, pixel_values in zip(range(0, len(batch), batch_size), self._pixel_batches(batch, batch_size)):
-            chunk = texts[start:start + batch_size]
-            prompt_ids = self.processor.encode(chunk)
-            tokens = {name: value.to(self.device) for name, value in self.processor.pad(prompt_ids).items()}
-            with self.autocast():
-                new_ids = self.model.generate(pixel_values, tokens["input_ids"], tokens["attention_mask"], **settings)
-            per_image = new_ids.shape[0] // len(chunk)  # num_return_sequences rows per image, image by image
-            outputs = [{GENERATED_TEXT: self._text(chunk[row // per_image], prompt_ids[row // per_image], ids,
-                                                   full_text)}
-                       for row, ids in enumerate(new_ids.cpu().tolist())]
-            results += outputs if per_image == 1 else [outputs[i:i + per_image]
-                                                       for i in range(0, len(outputs), per_image)]
-        return results[0] if single else results
+        prompt_ids = self.processor.encode(texts)
+        tokens = {name: value.to(self.device) for name, value in self.processor.pad(prompt_ids).items()}
+        with self.autocast():
+            new_ids = self.model.generate(pixel_values, tokens["input_ids"], tokens["attention_mask"], **settings)
+        per_image = new_ids.shape[0] // len(texts)  # num_return_sequences rows per image, image by image
+        outputs = [{GENERATED_TEXT: self._text(texts[row // per_image], prompt_ids[row // per_image], ids, full_text)}
+                   for row, ids in enumerate(new_ids.cpu().tolist())]
+        return outputs if per_image == 1 else [outputs[i:i + per_image] for i in range(0, len(outputs), per_image)]
 
     def _text(self, prompt: str, prompt_ids: list[int], new_ids: list[int], full_text: bool) -> str:
         continuation = self.processor.continuation(prompt_ids, new_ids)
