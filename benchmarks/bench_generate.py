@@ -86,18 +86,8 @@ def hf_config(config: Blip2Config):
     """transformers' ``Blip2Config`` for ``Blip2ForConditionalGeneration`` with our config's shapes, SDPA."""
     from transformers import Blip2Config as HFBlip2Config
 
-    vision, qformer = config.vision_config, config.qformer_config
-    vision_kwargs = dict(hidden_size=vision.hidden_size, intermediate_size=vision.intermediate_size,
-                         num_hidden_layers=vision.num_hidden_layers, num_attention_heads=vision.num_attention_heads,
-                         image_size=vision.image_size, patch_size=vision.patch_size,
-                         layer_norm_eps=vision.layer_norm_eps, qkv_bias=vision.qkv_bias)
-    qformer_kwargs = dict(vocab_size=qformer.vocab_size, hidden_size=qformer.hidden_size,
-                          num_hidden_layers=qformer.num_hidden_layers,
-                          num_attention_heads=qformer.num_attention_heads,
-                          intermediate_size=qformer.intermediate_size,
-                          max_position_embeddings=qformer.max_position_embeddings,
-                          cross_attention_frequency=qformer.cross_attention_freq,
-                          layer_norm_eps=qformer.layer_norm_eps, use_qformer_text_input=False)
+    vision_kwargs, qformer_kwargs = common.hf_vision_qformer_kwargs(config, text_input=False)
+    qformer = config.qformer_config
     text = {key: value for key, value in config.text_config.items() if key not in OURS_ONLY}
     return HFBlip2Config(vision_config=vision_kwargs, qformer_config=qformer_kwargs, text_config=text,
                          num_query_tokens=qformer.query_length, image_token_index=OPT_IMAGE_TOKEN)

@@ -34,19 +34,8 @@ def hf_config(config: Blip2Config):
     """The transformers ``Blip2Config`` with our config's shapes, SDPA attention."""
     from transformers import Blip2Config as HFBlip2Config
 
-    vision, qformer = config.vision_config, config.qformer_config
-    vision_kwargs = dict(hidden_size=vision.hidden_size, intermediate_size=vision.intermediate_size,
-                         num_hidden_layers=vision.num_hidden_layers, num_attention_heads=vision.num_attention_heads,
-                         image_size=vision.image_size, patch_size=vision.patch_size,
-                         layer_norm_eps=vision.layer_norm_eps, qkv_bias=vision.qkv_bias)
-    qformer_kwargs = dict(vocab_size=qformer.vocab_size, hidden_size=qformer.hidden_size,
-                          num_hidden_layers=qformer.num_hidden_layers,
-                          num_attention_heads=qformer.num_attention_heads,
-                          intermediate_size=qformer.intermediate_size,
-                          max_position_embeddings=qformer.max_position_embeddings,
-                          cross_attention_frequency=qformer.cross_attention_freq,
-                          layer_norm_eps=qformer.layer_norm_eps, pad_token_id=qformer.pad_token_id,
-                          use_qformer_text_input=True)
+    vision_kwargs, qformer_kwargs = common.hf_vision_qformer_kwargs(config, text_input=True)
+    qformer = config.qformer_config
     return HFBlip2Config(vision_config=vision_kwargs, qformer_config=qformer_kwargs,
                          num_query_tokens=qformer.query_length, image_text_hidden_size=config.embed_dim,
                          image_token_index=None)

@@ -277,3 +277,21 @@ def add_timing_arguments(parser, unit: str = "runs", peak_use: str = "the limit 
     parser.add_argument("--peak-tflops", type=float,
                         help=f"the device's dense peak for --dtype, for {peak_use} (default: 989 on CUDA, the H100 "
                              "SXM bf16 figure; none on CPU)")
+
+
+def hf_vision_qformer_kwargs(config, text_input: bool) -> tuple[dict, dict]:
+    """transformers' vision and Q-Former config kwargs with our config's shapes (both benchmarks build HF BLIP-2)."""
+    vision, qformer = config.vision_config, config.qformer_config
+    vision_kwargs = dict(hidden_size=vision.hidden_size, intermediate_size=vision.intermediate_size,
+                         num_hidden_layers=vision.num_hidden_layers, num_attention_heads=vision.num_attention_heads,
+                         image_size=vision.image_size, patch_size=vision.patch_size,
+                         layer_norm_eps=vision.layer_norm_eps, qkv_bias=vision.qkv_bias)
+    qformer_kwargs = dict(vocab_size=qformer.vocab_size, hidden_size=qformer.hidden_size,
+                          num_hidden_layers=qformer.num_hidden_layers,
+                          num_attention_heads=qformer.num_attention_heads,
+                          intermediate_size=qformer.intermediate_size,
+                          max_position_embeddings=qformer.max_position_embeddings,
+                          cross_attention_frequency=qformer.cross_attention_freq,
+                          layer_norm_eps=qformer.layer_norm_eps, pad_token_id=qformer.pad_token_id,
+                          use_qformer_text_input=text_input)
+    return vision_kwargs, qformer_kwargs
