@@ -28,6 +28,8 @@ def _run_parser(sub) -> None:
     run.add_argument("--train_dataset_dir", help="replaces train_dataset.data_loader.dataset_dir")
     run.add_argument("--eval_dataset_dir", help="replaces eval_dataset.data_loader.dataset_dir")
     run.add_argument("--predict_data", nargs="+", help="images (files or folders) for --run_mode predict")
+    run.add_argument("--prompt", help="image_to_text_generation predict: the prompt, or the question that the "
+                     "config's hypothesis_template (e.g. 'Question: {} Answer:') wraps")
     run.add_argument("--load_checkpoint", help="weights: a preset, our folder, a Hugging Face folder, a LAVIS .pth")
     run.add_argument("--output_dir")
     run.add_argument("--device", choices=("cpu", "cuda", "auto"))
@@ -110,7 +112,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         if not args.predict_data:
             raise ValueError("--run_mode predict needs --predict_data IMAGE [IMAGE ...]")
-        predictions = trainer.predict(input_data=_image_paths(args.predict_data))
+        options = {}
+        if args.prompt is not None:
+            if trainer.task.name not in ("image_to_text_generation", "image_to_text_generation_pretrain"):
+                raise ValueError(f"--prompt is for image_to_text_generation; this config's task is {trainer.task.name}")
+            options["prompt"] = args.prompt
+        predictions = trainer.predict(input_data=_image_paths(args.predict_data), **options)
         if trainer.is_main:
             trainer.output_dir.mkdir(parents=True, exist_ok=True)
             (trainer.output_dir / "predictions.json").write_text(json.dumps(predictions, indent=2) + "\n")

@@ -112,3 +112,23 @@ def test_stage2_training_from_stage1_lowers_the_loss_and_evaluates(stage2_setup,
 
 def data_size(data) -> int:
     return len(json.loads((data.root / data.test_annotation).read_text()))
+
+
+def test_cli_predicts_with_a_prompt_from_a_stage2_folder(stage2_setup, tmp_path, capsys):
+    from blip2.cli import main
+    from blip2.engine.run_config import RunConfig
+
+    data, root, _ = stage2_setup
+    trainer = Trainer(config=stage2_run_config(data, root, tmp_path, max_steps=2))
+    trainer.train()
+    config = RunConfig.from_dict({**stage2_run_config(data, root, tmp_path), "run_mode": "predict",
+                                  "trainer": {"type": "image_to_text_generation"}})
+    config.eval_dataset.data_loader.hypothesis_template = "Question: {} Answer:"
+    config.to_yaml(tmp_path / "predict.yaml")
+    image = str(data.root / data.image_dir / "test" / "00000.png")
+    assert main(["run", "--config", str(tmp_path / "predict.yaml"), "--predict_data", image, "--prompt", "what?",
+                 "--load_checkpoint", str(tmp_path / "out" / "model"), "--output_dir", str(tmp_path / "pred"),
+                 "--set", "eval_dataset.batch_size=1"]) == 0
+    predictions = json.loads((tmp_path / "pred" / "predictions.json").read_text())
+    assert predictions[0]["image"] == image
+    assert predictions[0]["generated_text"].startswith("Question: what? Answer:")
