@@ -208,17 +208,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true",
                         help="static KV cache (cache_implementation='static') for both models; on CUDA transformers "
                              "then compiles the decoding step with torch.compile (mode reduce-overhead, CUDA graphs)")
-    parser.add_argument("--iters", type=int, default=3, help="timed runs per measurement; the median is reported")
-    parser.add_argument("--warmup", type=int, help="untimed runs after the output check (default: 0 on CPU, 1 on "
-                        "CUDA, 2 with --compile)")
-    parser.add_argument("--min-seconds", type=float, default=1.0,
-                        help="fast measurements repeat beyond --iters until they fill this many seconds")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: the cores other processes leave "
-                        "idle, at least 1)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                        help="weight dtype of transformers' model, of our ViT and LLM, and our autocast dtype "
-                             "(default: float32 on CPU, bfloat16 on CUDA)")
+    common.add_timing_arguments(
+        parser, unit="runs", peak_use=None,
+        warmup=(None, "after the output check (default: 0 on CPU, 1 on CUDA, 2 with --compile)"),
+        dtype_help="weight dtype of transformers' model, of our ViT and LLM, and our autocast dtype")
     args = parser.parse_args(argv)
     cuda = args.device == "cuda"
     args.shape = common.parse_list(args.shape or ("opt-2.7b" if cuda else "tiny"))

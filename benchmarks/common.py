@@ -263,20 +263,23 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def add_timing_arguments(parser, unit: str = "runs", peak_use: str = "the limit columns") -> None:
-    """The timing, device and precision flags both benchmarks take."""
+def add_timing_arguments(parser, unit: str = "runs", peak_use: str | None = "the limit columns",
+                         warmup: tuple[int | None, str] = (0, "before timing"),
+                         dtype_help: str = "autocast dtype over fp32 weights") -> None:
+    """The timing, device and precision flags every benchmark takes (``peak_use=None``: no --peak-tflops)."""
     parser.add_argument("--iters", type=int, default=3, help=f"timed {unit} per measurement; the median is reported")
-    parser.add_argument("--warmup", type=int, default=0, help=f"untimed {unit} before timing")
+    parser.add_argument("--warmup", type=int, default=warmup[0], help=f"untimed {unit} {warmup[1]}")
     parser.add_argument("--min-seconds", type=float, default=1.0,
                         help="fast measurements repeat beyond --iters until they fill this many seconds")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: the cores other processes leave "
                         "idle, at least 1)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                        help="autocast dtype over fp32 weights (default: float32 on CPU, bfloat16 on CUDA)")
-    parser.add_argument("--peak-tflops", type=float,
-                        help=f"the device's dense peak for --dtype, for {peak_use} (default: 989 on CUDA, the H100 "
-                             "SXM bf16 figure; none on CPU)")
+                        help=f"{dtype_help} (default: float32 on CPU, bfloat16 on CUDA)")
+    if peak_use:
+        parser.add_argument("--peak-tflops", type=float,
+                            help=f"the device's dense peak for --dtype, for {peak_use} (default: 989 on CUDA, the "
+                                 "H100 SXM bf16 figure; none on CPU)")
 
 
 def hf_vision_qformer_kwargs(config, text_input: bool) -> tuple[dict, dict]:

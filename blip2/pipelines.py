@@ -53,11 +53,8 @@ class _Pipeline:
         self.batch_size = batch_size
 
     def autocast(self):
-        """bf16/fp16 autocast on CUDA per ``model.config.compute_dtype``; CPU runs in float32."""
-        dtype = self.model.config.compute_dtype
-        if self.device.type != "cuda" or dtype == "float32":
-            return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=getattr(torch, dtype))
+        """The model's compute-dtype autocast on the pipeline's device."""
+        return self.model.autocast(self.device)
 
     def _pixel_batches(self, images: list[ImageInput], batch_size: int):
         if batch_size < 1:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import random
-import tempfile
 from pathlib import Path
 
 import torch
@@ -32,19 +31,10 @@ def captions(count: int = 400, seed: int = 0) -> list[str]:
 def train_sentencepiece(path: Path, vocab_size: int = VOCAB) -> Path:
     """A BPE ``tokenizer.model`` set up as Llama's and Baichuan's: <unk>=0 <s>=1 </s>=2, byte fallback, no
     normalisation, whitespace kept, a dummy prefix."""
-    import sentencepiece as spm
+    from blip2.engine.text_pretrain import train_sentencepiece as train
 
-    with tempfile.TemporaryDirectory() as scratch:
-        prefix = str(Path(scratch) / "sp")
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(captions()), model_prefix=prefix, model_type="bpe", vocab_size=vocab_size,
-            unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True, split_digits=True, character_coverage=1.0,
-            normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
-            num_threads=1, minloglevel=2,
-        )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(Path(prefix + ".model").read_bytes())
-    return path
+    return train(captions(), path, vocab_size, byte_fallback=True, split_digits=True,
+                 normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True)
 
 
 def tiny_llama_config(**overrides):

@@ -6,7 +6,6 @@ import pytest
 
 from blip2 import Blip2Config, Blip2Qformer
 from blip2.config import ConfigError, QformerConfig, ViTConfig, set_by_path
-from blip2 import registry
 
 
 def test_yaml_round_trip_keeps_every_field(tmp_path):

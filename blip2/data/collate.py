@@ -89,17 +89,11 @@ class ImageCaptionLMCollator:
         seeds = [item["seed"] for item in kept] if "seed" in kept[0] else None
         pixel_values = self.image_processor([item["image"] for item in kept], train=self.train,
                                             seeds=seeds)["pixel_values"]
-        rows = self.tokenizer([item["caption"] for item in kept], truncation=True,
-                              max_length=self.max_length - 1)["input_ids"]
-        rows = [list(row) + [self.tokenizer.eos_token_id] for row in rows]
-        length = max(len(row) for row in rows)
-        input_ids = torch.full((len(rows), length), self.tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for i, row in enumerate(rows):
-            input_ids[i, : len(row)] = torch.tensor(row)
-            attention_mask[i, : len(row)] = 1
-        labels = input_ids.masked_fill(attention_mask == 0, -100)
-        labels[:, : self.prompt_length] = -100
+        encoded = self.tokenizer([item["caption"] for item in kept], truncation=True,
+                                 max_length=self.max_length - 1)["input_ids"]
+        ids = [list(row) + [self.tokenizer.eos_token_id] for row in encoded]
+        rows = [(row, ([-100] * self.prompt_length + row[self.prompt_length:])[: len(row)]) for row in ids]
+        input_ids, attention_mask, labels = pad_token_rows(rows, self.tokenizer.pad_token_id)
         return {
             "pixel_values": pixel_values,  # (B, 3, S, S)
             "input_ids": input_ids,  # (B, L) right-padded
@@ -108,3 +102,17 @@ class ImageCaptionLMCollator:
             "indices": torch.tensor([item["index"] for item in kept]),
             "num_skipped_in_batch": len(items) - len(kept),
         }
+
+
+def pad_token_rows(rows: Sequence[tuple[list[int], list[int]]],
+                   pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad (ids, labels) rows into input_ids, attention_mask and labels (B, L); padding is never a target."""
+    length = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    labels = torch.full((len(rows), length), -100, dtype=torch.long)
+    for i, (ids, targets) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        attention_mask[i, : len(ids)] = 1
+        labels[i, : len(targets)] = torch.tensor(targets)
+    return input_ids, attention_mask, labels

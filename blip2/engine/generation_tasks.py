@@ -37,30 +37,6 @@ def generation_pipeline(trainer, hypothesis_template: str | None = None):
                                          batch_size=trainer.eval_batch_size)
 
 
-class GenerationPretrainTask(Task):
-    """Stage-2 training: the LM loss of ``prompt caption`` after the projected queries; the LLM stays frozen."""
-
-    name = "image_to_text_generation_pretrain"
-    trains = True
-
-    def train_collator(self, trainer, dataset_cfg):
-        from blip2.data import ImageCaptionLMCollator
-
-        return ImageCaptionLMCollator(trainer.image_processor, trainer.tokenizer,
-                                      max_length=dataset_cfg.tokenizer.max_length,
-                                      prompt=dataset_cfg.text_transforms.prompt, train=dataset_cfg.augment)
-
-    def training_step(self, model, batch: dict[str, Any], gather) -> dict[str, torch.Tensor]:
-        output = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], labels=batch["labels"])
-        return {"loss": output.loss}
-
-    def evaluate(self, trainer, **kwargs) -> dict[str, float]:
-        return ImageToTextGenerationTask().evaluate(trainer, **kwargs)
-
-    def predict(self, trainer, input_data, **kwargs) -> list:
-        return ImageToTextGenerationTask().predict(trainer, input_data, **kwargs)
-
-
 class ImageToTextGenerationTask(Task):
     """Captions or answers from a stage-2 model; evaluation scores captions of the eval set (COCO metrics)."""
 
@@ -102,3 +78,22 @@ class ImageToTextGenerationTask(Task):
         outputs = generation_pipeline(trainer, hypothesis_template)(images, prompt=prompt, **kwargs)
         return [{"image": str(image) if isinstance(image, (str, os.PathLike)) else f"image {index}", **output}
                 for index, (image, output) in enumerate(zip(images, outputs))]
+
+
+class GenerationPretrainTask(ImageToTextGenerationTask):
+    """Stage-2 training: the LM loss of ``prompt caption`` after the projected queries; the LLM stays frozen.
+    Evaluation and prediction are ``image_to_text_generation``'s."""
+
+    name = "image_to_text_generation_pretrain"
+    trains = True
+
+    def train_collator(self, trainer, dataset_cfg):
+        from blip2.data import ImageCaptionLMCollator
+
+        return ImageCaptionLMCollator(trainer.image_processor, trainer.tokenizer,
+                                      max_length=dataset_cfg.tokenizer.max_length,
+                                      prompt=dataset_cfg.text_transforms.prompt, train=dataset_cfg.augment)
+
+    def training_step(self, model, batch: dict[str, Any], gather) -> dict[str, torch.Tensor]:
+        output = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], labels=batch["labels"])
+        return {"loss": output.loss}

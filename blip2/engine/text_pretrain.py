@@ -26,18 +26,19 @@ import torch
 logger = logging.getLogger("blip2")
 
 
-def train_sentencepiece(texts: Sequence[str], path: str | os.PathLike, vocab_size: int = 256) -> Path:
-    """A BPE ``tokenizer.model`` over ``texts`` with Llama's special ids (no byte fallback: a small vocabulary)."""
+def train_sentencepiece(texts: Sequence[str], path: str | os.PathLike, vocab_size: int = 256,
+                        **trainer_options) -> Path:
+    """A BPE ``tokenizer.model`` over ``texts`` with Llama's special ids; ``trainer_options`` go to
+    sentencepiece's trainer (default: no byte fallback, for a small vocabulary)."""
     import sentencepiece as spm
 
     path = Path(path)
+    options = dict(model_type="bpe", vocab_size=vocab_size, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+                   character_coverage=1.0, num_threads=1, minloglevel=2)
     with tempfile.TemporaryDirectory() as scratch:
         prefix = str(Path(scratch) / "sp")
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(list(texts)), model_prefix=prefix, model_type="bpe", vocab_size=vocab_size,
-            unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0,
-            num_threads=1, minloglevel=2,
-        )
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(list(texts)), model_prefix=prefix,
+                                       **{**options, **trainer_options})
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(Path(prefix + ".model").read_bytes())
     return path
@@ -49,6 +50,7 @@ def train_caption_llm(texts: Sequence[str], out_dir: str | os.PathLike, steps: i
     """Train the tokenizer and a tiny Llama on ``texts`` and save both in ``out_dir``; return the first/last loss."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from blip2.data.collate import pad_token_rows
     from blip2.llm import load_llm_tokenizer
 
     out = Path(out_dir)
@@ -68,7 +70,7 @@ def train_caption_llm(texts: Sequence[str], out_dir: str | os.PathLike, steps: i
     for _ in range(steps):
         rows = [training_row(tokenizer, rng.choice(texts), rng, context_fraction, max_context)
                 for _ in range(batch_size)]
-        input_ids, mask, labels = pad_rows(rows, tokenizer.pad_token_id)
+        input_ids, mask, labels = pad_token_rows(rows, tokenizer.pad_token_id)
         loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         optimizer.step()
@@ -92,15 +94,3 @@ def training_row(tokenizer, text: str, rng: random.Random, context_fraction: flo
         context = pieces[:max_context]
     return context + caption, [-100] * (len(context) + 1) + caption[1:]
 
-
-def pad_rows(rows: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-pad (ids, labels) rows into input_ids, attention_mask and labels (B, L)."""
-    length = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    labels = torch.full((len(rows), length), -100, dtype=torch.long)
-    for i, (ids, targets) in enumerate(rows):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        mask[i, : len(ids)] = 1
-        labels[i, : len(ids)] = torch.tensor(targets)
-    return input_ids, mask, labels

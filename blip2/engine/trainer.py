@@ -189,17 +189,15 @@ class Trainer:
         cfg = self.config
         model_class = self._model_class()
         model_config = cfg.model.model_config if cfg.model is not None else None
-        if cfg.load_checkpoint:
-            # folders and presets carry their own config; a LAVIS .pth has none, so the YAML's model_config serves
-            carries_config = not str(cfg.load_checkpoint).endswith((".pth", ".pt", ".bin"))
-            return model_class.from_pretrained(cfg.load_checkpoint, config=None if carries_config else model_config)
-        source = model_config.checkpoint_name_or_path if model_config else None
-        if source and model_class.preset_group != "stage1":
-            # stage 2 starts from a stage-1 checkpoint (or a stage-2 one) under the YAML's stage-2 config
-            return model_class.from_pretrained(source, config=model_config)
+        start = model_config.checkpoint_name_or_path if model_config else None
+        source = cfg.load_checkpoint or start
         if source:
+            # folders and presets carry their own config and a LAVIS .pth none, so the YAML's serves for a .pth; and
+            # stage 2 starting from model_config.checkpoint_name_or_path (a stage-1 model) keeps the YAML's config
             carries_config = not str(source).endswith((".pth", ".pt", ".bin"))
-            return model_class.from_pretrained(source, config=None if carries_config else model_config)
+            stage2_start = not cfg.load_checkpoint and model_class.preset_group != "stage1"
+            use_yaml = stage2_start or not carries_config
+            return model_class.from_pretrained(source, config=model_config if use_yaml else None)
         if model_config is not None:
             model = model_class(model_config)
             self._initialise_from_parts(model)
@@ -230,16 +228,14 @@ class Trainer:
         model.apply_freezing()
 
     def _llm_tokenizer(self, dataset_cfg: DatasetConfig | None):
-        """Stage 2: tokenizer.vocab_file (a tokenizer folder or file), else the LLM's folder, else load_checkpoint."""
-        from blip2.llm import load_llm_tokenizer
+        """Stage 2: tokenizer.vocab_file (a tokenizer folder or file), else the pipeline's lookup: the LLM's folder,
+        then the load_checkpoint folder."""
+        from blip2.pipelines import generation_processor
 
-        model = distributed.unwrap(self.model)
-        candidates = [vocab_file_of(dataset_cfg), model.llm_folder, self.config.load_checkpoint]
-        source = next((Path(c) for c in candidates if c), None)
-        if source is None:
-            raise ValueError("stage 2 needs the LLM's tokenizer: set train_dataset.tokenizer.vocab_file to its folder, "
-                             "or model_config.text_config.checkpoint_name_or_path to the LLM folder")
-        return load_llm_tokenizer(source.parent if source.is_file() else source)
+        given = vocab_file_of(dataset_cfg)
+        folder = (given.parent if given.is_file() else given) if given is not None else None
+        return generation_processor(distributed.unwrap(self.model), self.config.load_checkpoint,
+                                    tokenizer=folder).tokenizer
 
     def _checkpoint_vocab(self) -> Path | None:
         """The vocab.txt saved beside the model that load_checkpoint names, if any."""
@@ -289,11 +285,8 @@ class Trainer:
         return ImageCollator(self.image_processor, train=train)
 
     def autocast(self):
-        """bf16/fp16 autocast on CUDA per ``model_config.compute_dtype``; CPU runs in float32."""
-        dtype = self.model_config.compute_dtype
-        if self.device.type != "cuda" or dtype == "float32":
-            return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=getattr(torch, dtype))
+        """The model's compute-dtype autocast on this trainer's device."""
+        return distributed.unwrap(self.model).autocast(self.device)
 
     # --- training ------------------------------------------------------------------------------------------------
     def train(self, resume: bool | str | None = None) -> dict[str, float]:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -102,6 +103,13 @@ class Blip2PreTrainedModel(nn.Module):
         for module in self.frozen_modules():
             module.eval()  # a frozen tower never runs dropout or updates statistics
         return self
+
+    def autocast(self, device: torch.device):
+        """bf16/fp16 autocast on CUDA per ``config.compute_dtype``; CPU runs in float32."""
+        dtype = self.config.compute_dtype
+        if device.type != "cuda" or dtype == "float32":
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=getattr(torch, dtype))
 
     @property
     def device(self) -> torch.device:
