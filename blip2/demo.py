@@ -51,7 +51,7 @@ def plot_losses(log: list[dict], path: Path, width: int = 720, height: int = 400
 
 def run_demo(output_dir: str | Path = "blip2_demo", steps: int | None = None, device: str = "auto",
              num_train: int = 2000, num_test: int = 200, images_per_class: int = 10,
-             batch_size: int | None = None, stage2_steps: int | None = None, llm_steps: int = 300) -> dict:
+             batch_size: int | None = None, stage2_steps: int | None = None, llm_steps: int = 600) -> dict:
     """The whole demo; returns the numbers of the report (retrieval, zero-shot accuracy, caption hits).
 
     ``stage2_steps=0`` skips stage 2 (the caption LM and the Q-Former -> LLM training); None: the config's steps.
@@ -137,9 +137,11 @@ def run_stage2(out: Path, data, stage1_model: Path, device: str, steps: int | No
     from blip2.engine.run_config import RunConfig
     from blip2.engine.text_pretrain import train_caption_llm
     from blip2.engine.trainer import Trainer
+    from blip2.processing.text import clean_caption
 
     started = time.perf_counter()
-    captions = [r["caption"] for r in json.loads((data.root / data.train_annotation).read_text())]
+    # the LM learns the captions as stage 2 feeds them (lowercase, no punctuation), so it ends them where they end
+    captions = [clean_caption(r["caption"]) for r in json.loads((data.root / data.train_annotation).read_text())]
     language = train_caption_llm(captions, out / "caption_llm", steps=llm_steps)
     llm_seconds = time.perf_counter() - started
 
