@@ -14,13 +14,15 @@ therefore never holds a float32 copy of the model, nor a second bf16 one; the mo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
+from torch import nn
 from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PretrainedConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -68,6 +70,7 @@ def load_causal_lm(
     device: str | torch.device | None = None,
     *,
     trainable: bool = False,
+    empty: bool = False,
 ) -> PreTrainedModel:
     """The LLM of ``text_config``: weights from ``checkpoint_name_or_path`` (a local folder), else random init.
 
@@ -75,11 +78,20 @@ def load_causal_lm(
     are read; ``device`` (default: CPU) is where the model goes once built. Weights pass through host memory once,
     in ``dtype`` (transformers places them on CPU without ``accelerate``). The model comes back in eval mode with
     every parameter frozen (``requires_grad=False``) unless ``trainable=True``.
+
+    ``empty=True`` (for a caller that loads every weight next, e.g. from a BLIP-2 checkpoint that holds the LLM)
+    builds the parameters on the meta device instead of initialising them randomly: no memory, no init time. Buffers
+    are still computed on CPU. A folder in ``checkpoint_name_or_path`` wins over ``empty``.
     """
     dtype = _resolve_dtype(dtype)
     path = text_config.get("checkpoint_name_or_path")
     if path:
         model = _load_from_folder(Path(path).expanduser(), text_config, dtype)
+    elif empty:
+        if device is not None:
+            raise ValueError(f"empty=True leaves the LLM's parameters on the meta device: load them before moving "
+                             f"the model to device={device}")
+        model = _build_empty(text_config, dtype)
     else:
         model = _build_random(text_config, dtype)
     if device is not None:
@@ -273,6 +285,37 @@ def _build_random(text_config: dict[str, Any], dtype: torch.dtype) -> PreTrained
     model_class = _causal_lm_class(config)
     logger.info("text_config has no checkpoint_name_or_path: random %s", model_class.__name__)
     return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def _build_empty(text_config: dict[str, Any], dtype: torch.dtype) -> PreTrainedModel:
+    """The model ``_build_random`` builds, in the same dtypes and with the same buffers, but with every parameter on
+    the meta device: transformers' weight init then runs on shapes only, and ties the embeddings as usual."""
+    config = _config_from_keys(text_config)
+    with parameters_on_meta():
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Every parameter registered inside goes to the meta device as it is registered (shape and dtype, no memory, no
+    values), so the initialisation that follows touches nothing. Buffers stay on CPU: the non-persistent ones that
+    no checkpoint holds (rotary ``inv_freq``) keep their computed values. ``accelerate.init_empty_weights(
+    include_buffers=False)``, in torch alone.
+    """
+    register_parameter = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register_parameter(module, name, param)
+        if param is not None and not param.is_meta:  # a meta parameter registered again (a tie) stays the same object
+            meta = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+            meta.__dict__.update(param.__dict__)
+            module._parameters[name] = meta
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register_parameter
 
 
 def _config_from_keys(text_config: dict[str, Any]) -> PretrainedConfig:

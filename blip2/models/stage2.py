@@ -38,7 +38,9 @@ class Blip2ImageToTextGeneration(Blip2PreTrainedModel):
 
     preset_group = ("stage2", "itt")
 
-    def __init__(self, config: Blip2Config) -> None:
+    def __init__(self, config: Blip2Config, *, empty_llm: bool = False) -> None:
+        """``empty_llm=True``: the LLM's parameters stay on the meta device, uninitialised, for a loader that fills
+        every one of them next (``from_pretrained`` of a checkpoint holding the LLM); without an LLM folder only."""
         super().__init__(config)
         if config.text_config is None:
             raise ConfigError(
@@ -53,7 +55,8 @@ class Blip2ImageToTextGeneration(Blip2PreTrainedModel):
         # read from text_config.checkpoint_name_or_path (its sizes checked against text_config's), or random; its
         # weights in text_config.dtype (e.g. "bfloat16" for a frozen 7B LLM), float32 if unset
         self.language_model = load_causal_lm(
-            config.text_config, dtype=config.text_config.get("dtype"), trainable=not config.freeze_text
+            config.text_config, dtype=config.text_config.get("dtype"), trainable=not config.freeze_text,
+            empty=empty_llm,
         )
         llm_width = self.language_model.get_input_embeddings().embedding_dim  # OPT-350m: word_embed_proj_dim
         self.llm_proj = nn.Linear(config.qformer_config.hidden_size, llm_width)  # default init, as LAVIS opt_proj

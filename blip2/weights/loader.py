@@ -74,15 +74,19 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def _storage_key(tensor: torch.Tensor) -> tuple:
+    if tensor.is_meta:  # no storage to compare: a tied meta parameter is one object under several names
+        return ("meta", id(tensor))
     return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
 
 
 def tied_aliases(state: dict[str, torch.Tensor]) -> dict[str, list[str]]:
-    """For each key, the other keys holding the very same tensor (tied weights: an LLM's lm_head and embeddings)."""
+    """For each key, the other keys holding the very same tensor (tied weights: an LLM's lm_head and embeddings).
+
+    Meta tensors are matched by identity, so pass ``state_dict(keep_vars=True)`` for a model with meta parameters.
+    """
     groups: dict[tuple, list[str]] = {}
     for key, value in state.items():
-        if value.device.type != "meta":
-            groups.setdefault(_storage_key(value), []).append(key)
+        groups.setdefault(_storage_key(value), []).append(key)
     return {key: [other for other in group if other != key] for group in groups.values() for key in group}
 
 
@@ -100,8 +104,11 @@ def load_into(
     ``dropped`` are source keys the adapter left out on purpose before translating; the report lists them as unused.
     ``preloaded`` are keys the model already holds from elsewhere (an LLM read from its own folder): they may be
     absent and are not reported. A tied tensor counts as present when one of its names is.
+
+    A tensor the model holds on the meta device (an LLM built empty) adopts the checkpoint's tensor instead of
+    copying it (converted to the model's dtype, ties kept); one left on meta after loading raises, naming it.
     """
-    expected = model.state_dict()
+    expected = model.state_dict(keep_vars=True)  # the tensors themselves: a tied pair is one object, even on meta
     allowed_missing, allowed_unexpected = list(allowed_missing), list(allowed_unexpected)
     mismatched = [
         f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(expected[key].shape)}"
@@ -126,14 +133,49 @@ def load_into(
         if bad_unexpected:
             problems.append(f"{len(bad_unexpected)} unexpected keys: {_first(bad_unexpected)}")
         raise WeightLoadError(f"{source} does not fit {type(model).__name__}: " + "; ".join(problems))
+    adopted: set[tuple] = set()
     with torch.no_grad():
         for key, value in state.items():
-            if key in expected:
-                expected[key].copy_(value.to(expected[key].dtype))
+            if key not in expected:
+                continue
+            target = expected[key]
+            if not target.is_meta:
+                target.copy_(value.to(target.dtype))
+                continue
+            value = value.to(target.dtype)
+            if _storage_key(value) in adopted:  # one checkpoint tensor under two untied names: each gets its own
+                value = value.clone()
+            adopted.add(_storage_key(value))
+            _adopt(model, [key, *aliases.get(key, ())], value, expected)
+    _check_no_meta(model, source)
     report = LoadReport(source, missing, unexpected + list(dropped))
     if report.missing or report.unexpected:
         logger.info(report.summary())
     return report
+
+
+def _adopt(model: torch.nn.Module, names: list[str], value: torch.Tensor, expected: dict[str, torch.Tensor]) -> None:
+    """Make ``value`` itself (no copy) the tensor behind ``names`` (one tied meta tensor), keeping it a parameter
+    with the same ``requires_grad``, or a buffer; ``expected`` is updated to the new tensor."""
+    placeholder = expected[names[0]]
+    is_parameter = isinstance(placeholder, torch.nn.Parameter)
+    tensor = torch.nn.Parameter(value, requires_grad=placeholder.requires_grad) if is_parameter else value
+    for name in names:
+        module_name, _, attribute = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        (module._parameters if is_parameter else module._buffers)[attribute] = tensor
+        expected[name] = tensor
+
+
+def _check_no_meta(model: torch.nn.Module, source: str) -> None:
+    """No tensor may pass for loaded while it has no values: a meta parameter or buffer left after loading raises."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    empty = sorted(name for name, tensor in tensors if tensor.is_meta)
+    if empty:
+        raise WeightLoadError(
+            f"{source}: {len(empty)} tensors of {type(model).__name__} got no values from the checkpoint (they are "
+            f"still on the meta device): {_first(empty)}"
+        )
 
 
 def save_pretrained(
@@ -203,14 +245,18 @@ def load_pretrained(cls, name_or_path: str | os.PathLike, config=None, **kwargs)
 
 
 def load_with_adapter(cls, adapter, path: Path, config=None, **kwargs):
-    """Build ``cls`` from ``path`` read by ``adapter``; the config comes from the source unless one is given."""
+    """Build ``cls`` from ``path`` read by ``adapter``; the config comes from the source unless one is given.
+
+    The checkpoint is read first: a stage-2 LLM it holds is then built empty and adopts its tensors, rather than being
+    initialised randomly and overwritten.
+    """
+    from blip2.weights import stage2
+
     config = config or adapter.read_config(path, **kwargs)
-    model = cls(config)
     state, dropped = adapter.read_native_state(path, config, **kwargs)
+    model = cls(config, **stage2.build_options(cls, config, state))
     allowed_missing, preloaded = list(adapter.allowed_missing(model)), []
     if hasattr(model, "language_model"):  # stage 2: a stage-1 start, or an LLM from its own folder
-        from blip2.weights import stage2
-
         state, dropped, allowed_missing, preloaded = stage2.fit_state(model, state, dropped, allowed_missing, str(path))
     report = load_into(
         model, state, source=str(path), allowed_missing=allowed_missing,

@@ -14,6 +14,23 @@ import torch
 from blip2.weights.hf import TEXT_ONLY as STAGE1_ONLY  # the Q-Former's text side and the ITC / ITM / LM heads
 from blip2.weights.loader import WeightLoadError, _matches
 
+LLM_PREFIX = "language_model."
+
+
+def build_options(cls, config, state: dict[str, torch.Tensor]) -> dict[str, bool]:
+    """Keyword arguments for building ``cls`` before ``state`` is loaded into it.
+
+    ``empty_llm=True`` for a stage-2 model whose LLM would be initialised randomly (no LLM folder in text_config)
+    while ``state`` holds the LLM (a transformers generation folder, our folder saved with ``include_llm=True``):
+    the LLM is then never initialised only to be overwritten, which for a 7B LLM costs minutes and its size twice.
+    """
+    from blip2.models.stage2 import Blip2ImageToTextGeneration
+
+    if not (isinstance(cls, type) and issubclass(cls, Blip2ImageToTextGeneration)) or config.text_config is None:
+        return {}
+    holds_llm = any(key.startswith(LLM_PREFIX) for key in state)
+    return {"empty_llm": True} if holds_llm and not config.text_config.get("checkpoint_name_or_path") else {}
+
 
 def fit_state(
     model, state: dict[str, torch.Tensor], dropped: list[str], allowed_missing: list[str], source: str
