@@ -169,6 +169,10 @@ class QformerConfig(_ConfigBase):
     sep_token_id: int = 102  # [SEP], the end of a caption
     hidden_dropout_prob: float = 0.1
     attention_probs_dropout_prob: float = 0.1
+    # std of the cross-attention query/key projections at init (BERT's 0.02 elsewhere). With 0.02 a small Q-Former's
+    # initial attention logits differ by ~0.05: every query sees the image's mean token (its colour, not its shapes)
+    # and contrastive training first settles there; a larger value makes cross-attention selective from the start
+    cross_attention_init_std: float = 0.02
 
     def __post_init__(self) -> None:
         _check_positive("qformer_config", hidden_size=self.hidden_size, num_hidden_layers=self.num_hidden_layers,

@@ -94,6 +94,26 @@ def test_unfrozen_vit_trains():
     assert model.vision_model.blocks[0].attn.qkv.weight.grad is not None
 
 
+def test_cross_attention_init_std_redraws_only_the_cross_attention_queries_and_keys():
+    torch.manual_seed(0)
+    config = tiny_config()
+    model = Blip2Qformer(config.replace(qformer_config=config.qformer_config.replace(cross_attention_init_std=0.1)))
+    stds = {name: p.std().item() for name, p in model.qformer.named_parameters() if name.endswith("proj.weight")}
+    redrawn = [name for name in stds if "cross_attn" in name and (".q_proj" in name or ".k_proj" in name)]
+    assert len(redrawn) == 2 * len(model.qformer.layers[::2])  # cross-attention every 2nd layer
+    for name, std in stds.items():
+        assert std == pytest.approx(0.1 if name in redrawn else 0.02, rel=0.15), name
+
+
+def test_random_vit_positions_are_a_sine_cosine_grid():
+    pos_embed = make_model().vision_model.pos_embed[0].detach()  # (1 + 25, D): CLS, then a 5 x 5 grid
+    assert torch.equal(pos_embed[0], torch.zeros_like(pos_embed[0]))
+    distances = torch.cdist(pos_embed[1:], pos_embed[1:])
+    # every patch has its own code, and neighbours are nearer than patches far apart: the table says where a patch is
+    assert (distances + torch.eye(25)).min() > 0
+    assert distances[0, 1] < distances[0, 4] and distances[0, 5] < distances[0, 20] and distances[0, 6] < distances[0, 24]
+
+
 def test_features_have_the_documented_shapes_and_norms():
     model = make_model()
     pixel_values = torch.randn(3, 3, 30, 30)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 
 import torch
 from torch import nn
@@ -26,6 +27,14 @@ def init_bert_weights(module: nn.Module, std: float = 0.02) -> None:
         elif isinstance(sub, nn.LayerNorm):
             nn.init.ones_(sub.weight)
             nn.init.zeros_(sub.bias)
+
+
+def init_qformer_weights(qformer: nn.Module, cross_attention_init_std: float) -> None:
+    """BERT's initialisation, then the cross-attention query and key projections redrawn with their own std."""
+    init_bert_weights(qformer)
+    for name, parameter in qformer.named_parameters():
+        if re.search(r"cross_attn\.attn\.[qk]_proj\.weight$", name):
+            nn.init.normal_(parameter, std=cross_attention_init_std)
 
 
 class Blip2PreTrainedModel(nn.Module):

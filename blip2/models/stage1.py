@@ -12,7 +12,7 @@ from torch import nn
 
 from blip2.config import Blip2Config
 from blip2.models import generation
-from blip2.models.base import Blip2PreTrainedModel, init_bert_weights
+from blip2.models.base import Blip2PreTrainedModel, init_bert_weights, init_qformer_weights
 from blip2.models.gather import LOCAL, FeatureGather
 from blip2.models.outputs import Blip2FeatureOutput, Blip2Output
 from blip2.nn.qformer import QformerLMHead
@@ -30,7 +30,7 @@ class Blip2Qformer(Blip2PreTrainedModel):
         qformer = config.qformer_config
         self.build_image_path(with_text=True)
         self.lm_head = QformerLMHead(qformer)
-        init_bert_weights(self.qformer)
+        init_qformer_weights(self.qformer, config.qformer_config.cross_attention_init_std)
         init_bert_weights(self.lm_head)
         nn.init.normal_(self.query_tokens, std=0.02)
         # the projections and the ITM head keep nn.Linear's default initialisation, as in LAVIS

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from blip2.config import Blip2Config, ConfigError
-from blip2.models.base import Blip2PreTrainedModel, init_bert_weights
+from blip2.models.base import Blip2PreTrainedModel, init_qformer_weights
 from blip2.models.outputs import Blip2Stage2Output
 
 IGNORE_INDEX = -100  # a label the loss skips: query positions, the fixed prompt, padding
@@ -48,7 +48,7 @@ class Blip2ImageToTextGeneration(Blip2PreTrainedModel):
                 "or transformers config keys with model_type); this config has none (a stage-1 config?)"
             )
         self.build_image_path(with_text=False)  # LAVIS deletes the Q-Former's text parts in stage 2
-        init_bert_weights(self.qformer)
+        init_qformer_weights(self.qformer, config.qformer_config.cross_attention_init_std)
         nn.init.normal_(self.query_tokens, std=0.02)
         from blip2.llm import load_causal_lm  # transformers' model classes: loaded when a stage-2 model is built
 
