@@ -231,15 +231,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from transformers.utils import logging as hf_logging
-
     args = parse_args(argv)
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    device = common.pick_device(args.device)
-    threads = common.set_threads(args.threads)
-    torch.manual_seed(0)
-    print(common.machine_note(device) + f"; torch threads: {threads}")
+    device = common.start(args.device, args.threads, quiet_transformers=True)
     rows = []
     for name in args.shape:
         rows += bench_shape(name, args, device)

@@ -106,10 +106,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    device = common.pick_device(args.device)
-    threads = common.set_threads(args.threads)
-    torch.manual_seed(0)
-    print(common.machine_note(device) + f"; torch threads: {threads}")
+    device = common.start(args.device, args.threads)
     defaults = CUDA_BATCH_SIZES if device.type == "cuda" else CPU_BATCH_SIZES
     rows, formulas = [], {}
     for name in args.configs:

@@ -151,6 +151,21 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def start(device_name: str, threads: int | None, quiet_transformers: bool = False) -> torch.device:
+    """What every benchmark does first: pick the device, set the threads, seed, print the machine line; with
+    ``quiet_transformers`` transformers' progress bars and warnings are silenced (they would break the table)."""
+    if quiet_transformers:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    device = pick_device(device_name)
+    used_threads = set_threads(threads)
+    torch.manual_seed(0)
+    print(machine_note(device) + f"; torch threads: {used_threads}")
+    return device
+
+
 def busy_cores(seconds: float = 0.5) -> float:
     """Cores other processes keep busy now, from two /proc/stat samples (the load average lags by a minute)."""
     def sample() -> tuple[int, int]:
