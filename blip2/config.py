@@ -169,6 +169,10 @@ class QformerConfig(_ConfigBase):
     sep_token_id: int = 102  # [SEP], the end of a caption
     hidden_dropout_prob: float = 0.1
     attention_probs_dropout_prob: float = 0.1
+    # std of the Q-Former's weights, embeddings and learned queries at init (transformers' name; BERT's 0.02, tuned for
+    # 768 wide). A narrow Q-Former needs more: with 0.02 a 128-wide one's projections shrink every signal ~5x and its
+    # attention starts uniform, so a short training run spends its first half on plateaus
+    initializer_range: float = 0.02
     # std of the cross-attention query/key projections at init (BERT's 0.02 elsewhere). With 0.02 a small Q-Former's
     # initial attention logits differ by ~0.05: every query sees the image's mean token (its colour, not its shapes)
     # and contrastive training first settles there; a larger value makes cross-attention selective from the start

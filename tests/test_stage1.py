@@ -105,6 +105,22 @@ def test_cross_attention_init_std_redraws_only_the_cross_attention_queries_and_k
         assert std == pytest.approx(0.1 if name in redrawn else 0.02, rel=0.15), name
 
 
+def test_initializer_range_sets_the_qformer_weights_queries_and_lm_head_std():
+    torch.manual_seed(0)
+    config = tiny_config()
+    qformer = config.qformer_config.replace(initializer_range=0.08, cross_attention_init_std=0.3)
+    model = Blip2Qformer(config.replace(qformer_config=qformer))
+    weights = {f"qformer.{name}": p for name, p in model.qformer.named_parameters() if name.endswith("weight")}
+    weights = {name: p for name, p in weights.items() if p.ndim == 2 and "cross_attn.attn.q_proj" not in name
+               and "cross_attn.attn.k_proj" not in name}
+    weights.update({"query_tokens": model.query_tokens, "lm_head.dense": model.lm_head.dense.weight})
+    assert len(weights) > 10
+    for name, p in weights.items():
+        assert p.std().item() == pytest.approx(0.08, rel=0.2), name
+    # the ViT is not the Q-Former's: its own initialisation is untouched
+    assert model.vision_model.blocks[0].attn.qkv.weight.std().item() < 0.05
+
+
 def test_random_vit_positions_are_a_sine_cosine_grid():
     pos_embed = make_model().vision_model.pos_embed[0].detach()  # (1 + 25, D): CLS, then a 5 x 5 grid
     assert torch.equal(pos_embed[0], torch.zeros_like(pos_embed[0]))

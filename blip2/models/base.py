@@ -10,7 +10,7 @@ import re
 import torch
 from torch import nn
 
-from blip2.config import Blip2Config
+from blip2.config import Blip2Config, QformerConfig
 from blip2.nn.qformer import Qformer, QformerOutput
 from blip2.nn.vit import VisionTransformer
 
@@ -29,12 +29,13 @@ def init_bert_weights(module: nn.Module, std: float = 0.02) -> None:
             nn.init.zeros_(sub.bias)
 
 
-def init_qformer_weights(qformer: nn.Module, cross_attention_init_std: float) -> None:
-    """BERT's initialisation, then the cross-attention query and key projections redrawn with their own std."""
-    init_bert_weights(qformer)
+def init_qformer_weights(qformer: nn.Module, config: QformerConfig) -> None:
+    """BERT's initialisation with ``config.initializer_range``, then the cross-attention query and key projections
+    redrawn with ``config.cross_attention_init_std``."""
+    init_bert_weights(qformer, std=config.initializer_range)
     for name, parameter in qformer.named_parameters():
         if re.search(r"cross_attn\.attn\.[qk]_proj\.weight$", name):
-            nn.init.normal_(parameter, std=cross_attention_init_std)
+            nn.init.normal_(parameter, std=config.cross_attention_init_std)
 
 
 class Blip2PreTrainedModel(nn.Module):

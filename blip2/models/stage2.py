@@ -48,8 +48,8 @@ class Blip2ImageToTextGeneration(Blip2PreTrainedModel):
                 "or transformers config keys with model_type); this config has none (a stage-1 config?)"
             )
         self.build_image_path(with_text=False)  # LAVIS deletes the Q-Former's text parts in stage 2
-        init_qformer_weights(self.qformer, config.qformer_config.cross_attention_init_std)
-        nn.init.normal_(self.query_tokens, std=0.02)
+        init_qformer_weights(self.qformer, config.qformer_config)
+        nn.init.normal_(self.query_tokens, std=config.qformer_config.initializer_range)
         from blip2.llm import load_causal_lm  # transformers' model classes: loaded when a stage-2 model is built
 
         # read from text_config.checkpoint_name_or_path (its sizes checked against text_config's), or random; its

@@ -136,6 +136,7 @@ def config_from_hf_folder(path: str | Path) -> Blip2Config:
         sep_token_id=sep_token_id,
         hidden_dropout_prob=qformer.hidden_dropout_prob,
         attention_probs_dropout_prob=qformer.attention_probs_dropout_prob,
+        initializer_range=qformer.initializer_range,
     )
     return Blip2Config(
         vision_config=vit,
