@@ -1,8 +1,12 @@
-"""The quickstart recipe learns: a CI-sized run of the demo clears three times chance on held-out data."""
+"""The quickstart recipe learns: a CI-sized run of the demo clears three times chance on held-out data; the full
+quickstart (``BLIP2_FULL_QUICKSTART=1``, ~5 minutes on 2 CPU cores) meets the issue's bars."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
+import pytest
 
 from blip2.demo import run_demo
 from blip2.engine.metrics import retrieval_metrics
@@ -31,3 +35,12 @@ def test_ci_sized_demo_beats_three_times_chance(tmp_path):
     stage2 = results["stage2"]
     assert stage2["images"] == 40 and {"Bleu_4", "CIDEr"} <= stage2["captions"].keys()
     assert "Stage 2" in report and (tmp_path / "demo" / "stage2" / "model" / "model.safetensors").is_file()
+
+
+@pytest.mark.skipif(os.environ.get("BLIP2_FULL_QUICKSTART") != "1",
+                    reason="the full quickstart trains ~5 minutes; run with BLIP2_FULL_QUICKSTART=1")
+def test_full_quickstart_reaches_80_percent_top1_and_r_mean_60_within_5_minutes(tmp_path):
+    results = run_demo(tmp_path / "demo", device="cpu", stage2_steps=0)
+    assert results["train_seconds"] <= 300, results["train_seconds"]
+    assert results["classification"]["top1"] >= 80, results["classification"]
+    assert results["retrieval"]["r_mean"] >= 60, results["retrieval"]

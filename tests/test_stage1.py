@@ -128,6 +128,10 @@ def test_random_vit_positions_are_a_sine_cosine_grid():
     # every patch has its own code, and neighbours are nearer than patches far apart: the table says where a patch is
     assert (distances + torch.eye(25)).min() > 0
     assert distances[0, 1] < distances[0, 4] and distances[0, 5] < distances[0, 20] and distances[0, 6] < distances[0, 24]
+    # MAE's full amplitude (each sine-cosine pair has norm 1): positions as strong as the pixels, so a frozen random
+    # encoder's tokens say where they are loudly enough for captions to teach the Q-Former positions
+    dim = pos_embed.shape[1]
+    assert torch.allclose(pos_embed[1:].norm(dim=1), torch.full((25,), (dim // 2) ** 0.5, dtype=pos_embed.dtype))
 
 
 def test_features_have_the_documented_shapes_and_norms():

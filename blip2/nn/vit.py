@@ -29,9 +29,6 @@ def interpolate_pos_embed(pos_embed: torch.Tensor, grid_size: tuple[int, int]) -
     return torch.cat((cls_pos, patch_pos), dim=1)
 
 
-SINCOS_INIT_SCALE = 0.3  # of the unit amplitude: the pixels' patch embeddings stay the larger part of a token
-
-
 def sincos_position_embedding(dim: int, grid: int) -> torch.Tensor:
     """MAE's 2-D sine-cosine table (grid * grid, dim), rows in raster order: half the channels encode the row,
     half the column, each as sines and cosines at ``dim / 4`` geometric frequencies."""
@@ -106,11 +103,12 @@ class VisionTransformer(nn.Module):
     def _init_weights(self) -> None:
         # fixed 2-D sine-cosine positions (MAE) rather than trunc_normal(0.02): a frozen random encoder (the demo,
         # the tests) then still says where each patch is (an attention probe on the demo's frozen tokens reads the
-        # shape's position 99% of the time, against 28% with 0.02 noise); pretrained weights replace them
+        # shape's position 99% of the time, against 28% with 0.02 noise). At MAE's full amplitude the demo's
+        # Q-Former learns positions from captions in every run; at 0.3x only in some. Pretrained weights replace them
         grid = self.config.image_size // self.config.patch_size
         with torch.no_grad():
             self.pos_embed.zero_()
-            self.pos_embed[0, 1:] = SINCOS_INIT_SCALE * sincos_position_embedding(self.config.hidden_size, grid)
+            self.pos_embed[0, 1:] = sincos_position_embedding(self.config.hidden_size, grid)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         for module in self.modules():
             if isinstance(module, nn.Linear):
