@@ -129,6 +129,10 @@ class ViTConfig(_ConfigBase):
     qkv_bias: bool = True  # q and v biases; the k bias is always zero (EVA)
     drop_path_rate: float = 0.0
     use_grad_checkpoint: bool = False
+    # amplitude of the 2-D sine-cosine table a randomly initialised ViT starts its positions from (MAE: 1.0); loaded
+    # weights replace it. At 0.3 the pixels' patch embeddings stay the larger part of a token; a frozen random ViT
+    # whose Q-Former must learn positions from captions (the quickstart) needs 1.0
+    position_init_amplitude: float = 0.3
 
     def __post_init__(self) -> None:
         _check_positive("vision_config", image_size=self.image_size, patch_size=self.patch_size,

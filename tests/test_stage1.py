@@ -128,10 +128,13 @@ def test_random_vit_positions_are_a_sine_cosine_grid():
     # every patch has its own code, and neighbours are nearer than patches far apart: the table says where a patch is
     assert (distances + torch.eye(25)).min() > 0
     assert distances[0, 1] < distances[0, 4] and distances[0, 5] < distances[0, 20] and distances[0, 6] < distances[0, 24]
-    # MAE's full amplitude (each sine-cosine pair has norm 1): positions as strong as the pixels, so a frozen random
-    # encoder's tokens say where they are loudly enough for captions to teach the Q-Former positions
+    # each sine-cosine pair has norm position_init_amplitude (MAE: 1.0)
     dim = pos_embed.shape[1]
-    assert torch.allclose(pos_embed[1:].norm(dim=1), torch.full((25,), (dim // 2) ** 0.5, dtype=pos_embed.dtype))
+    for amplitude in (0.3, 1.0):
+        config = tiny_config()
+        model = Blip2Qformer(config.replace(vision_config=config.vision_config.replace(position_init_amplitude=amplitude)))
+        norms = model.vision_model.pos_embed[0, 1:].detach().norm(dim=1)
+        assert torch.allclose(norms, torch.full((25,), amplitude * (dim // 2) ** 0.5, dtype=norms.dtype)), amplitude
 
 
 def test_features_have_the_documented_shapes_and_norms():

@@ -103,12 +103,12 @@ class VisionTransformer(nn.Module):
     def _init_weights(self) -> None:
         # fixed 2-D sine-cosine positions (MAE) rather than trunc_normal(0.02): a frozen random encoder (the demo,
         # the tests) then still says where each patch is (an attention probe on the demo's frozen tokens reads the
-        # shape's position 99% of the time, against 28% with 0.02 noise). At MAE's full amplitude the demo's
-        # Q-Former learns positions from captions in every run; at 0.3x only in some. Pretrained weights replace them
+        # shape's position 99% of the time, against 28% with 0.02 noise); see ViTConfig.position_init_amplitude.
+        # Pretrained weights replace them
         grid = self.config.image_size // self.config.patch_size
         with torch.no_grad():
             self.pos_embed.zero_()
-            self.pos_embed[0, 1:] = sincos_position_embedding(self.config.hidden_size, grid)
+            self.pos_embed[0, 1:] = self.config.position_init_amplitude * sincos_position_embedding(self.config.hidden_size, grid)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         for module in self.modules():
             if isinstance(module, nn.Linear):
