@@ -108,7 +108,8 @@ class VisionTransformer(nn.Module):
         grid = self.config.image_size // self.config.patch_size
         with torch.no_grad():
             self.pos_embed.zero_()
-            self.pos_embed[0, 1:] = self.config.position_init_amplitude * sincos_position_embedding(self.config.hidden_size, grid)
+            table = sincos_position_embedding(self.config.hidden_size, grid)
+            self.pos_embed[0, 1:] = self.config.position_init_amplitude * table
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         for module in self.modules():
             if isinstance(module, nn.Linear):
