@@ -30,9 +30,9 @@ class Blip2Qformer(Blip2PreTrainedModel):
         qformer = config.qformer_config
         self.build_image_path(with_text=True)
         self.lm_head = QformerLMHead(qformer)
-        init_qformer_weights(self.qformer, config.qformer_config)
+        init_qformer_weights(self.qformer, qformer)
         init_bert_weights(self.lm_head, std=qformer.initializer_range)
-        nn.init.normal_(self.query_tokens, std=config.qformer_config.initializer_range)
+        nn.init.normal_(self.query_tokens, std=qformer.initializer_range)
         # the projections and the ITM head keep nn.Linear's default initialisation, as in LAVIS
         self.vision_proj = nn.Linear(qformer.hidden_size, config.embed_dim)
         self.text_proj = nn.Linear(qformer.hidden_size, config.embed_dim)
