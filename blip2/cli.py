@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 from pathlib import Path
 
-import os
-
-from blip2.config import ConfigError, set_by_path
+from blip2.config import ConfigError, set_by_path, validate_tree
 from blip2.engine.trainer import NonFiniteLossError
 from blip2.weights import WeightLoadError
+
+logger = logging.getLogger("blip2")
 
 # problems with the user's input: one line and exit status 2 (BLIP2_DEBUG=1 shows the traceback)
 USER_ERRORS = (ConfigError, FileNotFoundError, ValueError, KeyError, WeightLoadError, NonFiniteLossError)
@@ -27,7 +29,8 @@ def _run_parser(sub) -> None:
     run.add_argument("--run_mode", choices=("train", "eval", "predict"), help="overrides the YAML's run_mode")
     run.add_argument("--train_dataset_dir", help="replaces train_dataset.data_loader.dataset_dir")
     run.add_argument("--eval_dataset_dir", help="replaces eval_dataset.data_loader.dataset_dir")
-    run.add_argument("--predict_data", nargs="+", help="images (files or folders) for --run_mode predict")
+    run.add_argument("--predict_data", nargs="+", help="images (files or folders) for --run_mode predict; without "
+                     "it, predict runs over the eval data set's images (e.g. with --eval_dataset_dir)")
     run.add_argument("--prompt", help="image_to_text_generation predict: the prompt, or the question that the "
                      "config's hypothesis_template (e.g. 'Question: {} Answer:') wraps")
     run.add_argument("--load_checkpoint", help="weights: a preset, our folder, a Hugging Face folder, a LAVIS .pth")
@@ -94,7 +97,7 @@ def load_run_config(args: argparse.Namespace):
         if not sep:
             raise ConfigError(f"--set {override!r}: expected KEY.SUB=VALUE")
         set_by_path(config, key.strip(), value)
-    config.__post_init__()
+    validate_tree(config)  # once, after every override: values that only fit together are judged together
     return config
 
 
@@ -102,22 +105,36 @@ def cmd_run(args: argparse.Namespace) -> int:
     from blip2.engine.trainer import Trainer
 
     config = load_run_config(args)
+    if config.run_mode == "predict" and args.predict_data:
+        images = _image_paths(args.predict_data)  # before building the model: a wrong path fails fast
+    elif config.run_mode == "predict":
+        images = None
+        if config.eval_dataset is None:
+            raise ValueError("--run_mode predict needs --predict_data IMAGE [IMAGE ...], or an eval data set whose "
+                             "images to predict (--eval_dataset_dir, or eval_dataset in the config)")
     trainer = Trainer(config=config)
     if config.run_mode == "train":
+        # evaluate after training only with an eval set at hand: --eval_dataset_dir, or the config's dataset_dir when
+        # it exists (a config's example path such as ./data/coco is skipped, saying so); built now, so a wrong
+        # annotation path fails before training rather than after it
+        evaluate = bool(args.eval_dataset_dir) or trainer.has_eval_data()
+        if evaluate:
+            trainer.eval_dataset  # noqa: B018 -- builds the eval set
+        elif config.eval_dataset is not None:
+            logger.info("no evaluation after training: eval_dataset.data_loader.dataset_dir %s does not exist "
+                        "(give --eval_dataset_dir)", config.eval_dataset.data_loader.dataset_dir)
         trainer.train()
-        if trainer.eval_dataset is not None:
+        if evaluate:
             trainer.evaluate()
     elif config.run_mode == "eval":
         trainer.evaluate()
     else:
-        if not args.predict_data:
-            raise ValueError("--run_mode predict needs --predict_data IMAGE [IMAGE ...]")
         options = {}
         if args.prompt is not None:
             if trainer.task.name not in ("image_to_text_generation", "image_to_text_generation_pretrain"):
                 raise ValueError(f"--prompt is for image_to_text_generation; this config's task is {trainer.task.name}")
             options["prompt"] = args.prompt
-        predictions = trainer.predict(input_data=_image_paths(args.predict_data), **options)
+        predictions = trainer.predict(input_data=images, **options)
         if trainer.is_main:
             trainer.output_dir.mkdir(parents=True, exist_ok=True)
             (trainer.output_dir / "predictions.json").write_text(json.dumps(predictions, indent=2) + "\n")

@@ -45,12 +45,12 @@ class _ConfigBase:
                 f"unknown config key '{prefix}{unknown[0]}' for {cls.__name__}; valid keys: {', '.join(valid)}"
             )
         kwargs: dict[str, Any] = {}
-        defaults = {f.name: f.default for f in fields(cls)}  # type: ignore[arg-type]
+        declared = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
         for name, value in data.items():
             nested = cls._nested.get(name)
             if nested is not None and isinstance(value, dict):
                 value = nested.from_dict(value, where=f"{prefix}{name}")
-            kwargs[name] = coerce_number(f"{prefix}{name}", value, defaults[name])
+            kwargs[name] = coerce_number(f"{prefix}{name}", value, declared[name].default, declared[name].type)
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
@@ -69,8 +69,14 @@ class _ConfigBase:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
-        with open(path, encoding="utf-8") as handle:
-            data = yaml.safe_load(handle) or {}
+        try:
+            with open(path, encoding="utf-8") as handle:
+                data = yaml.safe_load(handle) or {}
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start})"
+                              ) from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: invalid YAML{_yaml_where(err)}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
         return cls.from_dict(data)
@@ -84,21 +90,82 @@ class _ConfigBase:
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
 
 
-def coerce_number(key: str, value: Any, default: Any) -> Any:
-    """YAML reads ``1e-4`` as a string and ``1`` as an int: give float fields floats, or name the bad key."""
-    if isinstance(default, bool) or not isinstance(default, (int, float)) or isinstance(value, bool):
+def _yaml_where(error: yaml.YAMLError) -> str:
+    """`` at line L, column C: problem`` from a yaml error (1-based, as editors count), on one line."""
+    mark = getattr(error, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(error, "problem", None) or str(error)
+    context = getattr(error, "context", None)
+    text = f"{context}; {problem}" if context else problem
+    return f"{where}: {' '.join(str(text).split())}"
+
+
+def _number_kind(default: Any, annotation: Any) -> type | None:
+    """int or float when the field holds a number: from its default (or current value), or when that is None from
+    a simple annotation (``int | None``, ``Optional[float]``); None otherwise (bools are not numbers)."""
+    if isinstance(default, bool):
+        return None
+    if isinstance(default, (int, float)):
+        return float if isinstance(default, float) else int
+    if default is not None or annotation is None:
+        return None
+    if isinstance(annotation, str):
+        text = annotation.replace(" ", "").removeprefix("Optional[").removesuffix("]")
+        names = set(text.split("|")) - {"None"}
+        return {"int": int, "float": float}.get(names.pop()) if len(names) == 1 else None
+    return annotation if annotation in (int, float) else None
+
+
+def coerce_number(key: str, value: Any, default: Any, annotation: Any = None) -> Any:
+    """Give number fields numbers, or name the bad key.
+
+    The field's kind comes from its ``default`` (or, when that is None, its type ``annotation``). YAML reads ``1e-4``
+    as a string and ``1`` as an int: float fields get floats; int fields take ints, integral floats and strings
+    (``1e3``) but not ``1.5``. A list, a dict or a bool for a number raises ``ConfigError``; ``None`` stays allowed
+    where the default is None or the annotation admits it (or no annotation is known: a key in a plain dict).
+    """
+    kind = _number_kind(default, annotation)
+    if kind is None or (value is None and (default is None or annotation is None or _allows_none(annotation))):
         return value
-    if isinstance(default, float) and isinstance(value, (int, str)):
+    expected = "an integer" if kind is int else "a number"
+    if value is None:
+        raise ConfigError(f"{key} is null: expected {expected}")
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ConfigError(f"{key}={' '.join(repr(value).split())} is a {_yaml_type(value)}: expected {expected}")
+    if kind is float:
         try:
             return float(value)
         except ValueError:
             raise ConfigError(f"{key}={value!r} is not a number") from None
-    if isinstance(default, int) and isinstance(value, str):
+    if isinstance(value, str):
         try:
             return int(value)
         except ValueError:
-            raise ConfigError(f"{key}={value!r} is not an integer") from None
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{key}={value!r} is not an integer") from None
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ConfigError(f"{key}={value!r} is not an integer")
+        return int(value)
     return value
+
+
+def _allows_none(annotation: Any) -> bool:
+    if isinstance(annotation, str):
+        return "None" in annotation.replace(" ", "").split("|") or annotation.startswith("Optional[")
+    return False
+
+
+def _yaml_type(value: Any) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (list, tuple)):
+        return "list"
+    if isinstance(value, dict):
+        return "mapping"
+    return type(value).__name__
 
 
 def _check_positive(owner: str, **values: int | float) -> None:
@@ -274,7 +341,10 @@ class Blip2Config(_ConfigBase):
 
 
 def set_by_path(config: Any, dotted: str, raw_value: str) -> None:
-    """Apply a ``--set a.b.c=value`` override to nested dataclasses/dicts; the path must already exist."""
+    """Apply a ``--set a.b.c=value`` override to nested dataclasses/dicts; the path must already exist.
+
+    Values are not validated here: several overrides may only make sense together (``hidden_size`` and
+    ``num_attention_heads``), so apply them all, then call ``validate_tree`` once."""
     parts = dotted.split(".")
     target = config
     for depth, part in enumerate(parts[:-1]):
@@ -282,14 +352,25 @@ def set_by_path(config: Any, dotted: str, raw_value: str) -> None:
     last = parts[-1]
     current = _child(target, last, dotted)
     value = yaml.safe_load(raw_value) if isinstance(raw_value, str) else raw_value
-    value = coerce_number(dotted, value, current)
+    annotation = next((f.type for f in fields(target) if f.name == last), None) if dataclasses.is_dataclass(target) \
+        else None
+    value = coerce_number(dotted, value, current, annotation)
     if isinstance(target, dict):
         target[last] = value
     else:
         setattr(target, last, value)
-        post_init = getattr(target, "__post_init__", None)
-        if post_init is not None:
-            post_init()
+
+
+def validate_tree(config: Any) -> None:
+    """Run every ``__post_init__`` check of a config tree, innermost sections first, so a value that only fits
+    with its neighbours (after all overrides) is judged once, with the same one-line ``ConfigError``."""
+    if not dataclasses.is_dataclass(config) or isinstance(config, type):
+        return
+    for f in fields(config):
+        validate_tree(getattr(config, f.name))
+    post_init = getattr(config, "__post_init__", None)
+    if post_init is not None:
+        post_init()
 
 
 def _child(node: Any, key: str, path: str) -> Any:

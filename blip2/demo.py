@@ -68,6 +68,7 @@ def run_demo(output_dir: str | Path = "blip2_demo", steps: int | None = None, de
 
     config = RunConfig.from_yaml(config_path(QUICKSTART))
     config.output_dir = str(out / "quickstart")
+    config.overwrite = True  # a second demo replaces the first one's run (only files a run writes)
     config.device = device
     config.train_dataset.data_loader.dataset_dir = str(data.root)
     config.eval_dataset.data_loader.dataset_dir = str(data.root)
@@ -147,6 +148,7 @@ def run_stage2(out: Path, data, stage1_model: Path, device: str, steps: int | No
 
     config = RunConfig.from_yaml(config_path(STAGE2))
     config.output_dir = str(out / "stage2")
+    config.overwrite = True
     config.device = device
     config.model.model_config.checkpoint_name_or_path = str(stage1_model)
     config.model.model_config.text_config["checkpoint_name_or_path"] = str(out / "caption_llm")

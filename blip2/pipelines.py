@@ -24,6 +24,7 @@ from blip2.models import Blip2ImageToTextGeneration, Blip2Qformer
 from blip2.processing import (Blip2GenerationProcessor, Blip2ImageProcessor, Blip2Processor, clean_caption,
                               load_tokenizer)
 from blip2.processing.image import ImageInput
+from blip2.processing.processor import VOCAB_FILE
 
 MAX_CACHED_LABEL_SETS = 16
 
@@ -230,8 +231,9 @@ def _check_template(template: str) -> None:
 class ImageToTextGenerationPipeline(_Pipeline):
     """Images (and prompts) -> text by ``Blip2ImageToTextGeneration.generate``, ``{"generated_text": str}`` per image.
 
-    The prompt of an image is ``hypothesis_template.format(prompt).strip()`` (template default ``"{}"``); the text
-    includes the prompt unless ``return_full_text=False``. Keyword arguments other than the pipeline's own are
+    The prompt of an image is ``hypothesis_template.format(prompt).strip()`` (template default ``"{}"``; prompt default
+    the model's ``config.prompt`` when it is a text, else none); the text includes the prompt unless
+    ``return_full_text=False``. Keyword arguments other than the pipeline's own are
     generation settings (``max_new_tokens``, ``num_beams``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``,
     ``repetition_penalty``, ``length_penalty``, ``min_new_tokens``, ``num_return_sequences``, ...), passed to
     ``generate`` as given; those given to a call override those given to ``pipeline(...)``, and what neither gives
@@ -282,7 +284,8 @@ class ImageToTextGenerationPipeline(_Pipeline):
             prompts = [prompts] * pixel_values.shape[0]
         template = hypothesis_template if hypothesis_template is not None else self.hypothesis_template
         _check_template(template)
-        texts = [apply_template(template, text) for text in prompts]
+        default = self.default_prompt
+        texts = [apply_template(template, default if text is None else text) for text in prompts]
         full_text = self.return_full_text if return_full_text is None else return_full_text
         settings = {**self.generation_kwargs, **generation_kwargs}
         prompt_ids = self.processor.encode(texts)
@@ -293,6 +296,13 @@ class ImageToTextGenerationPipeline(_Pipeline):
         outputs = [{GENERATED_TEXT: self._text(texts[row // per_image], prompt_ids[row // per_image], ids, full_text)}
                    for row, ids in enumerate(new_ids.cpu().tolist())]
         return outputs if per_image == 1 else [outputs[i:i + per_image] for i in range(0, len(outputs), per_image)]
+
+    @property
+    def default_prompt(self) -> str | None:
+        """The prompt of an image given none: the model's own (``model_config.prompt``, the text its stage-2 training
+        put before every caption, as LAVIS generates after it), else None (the LLM's BOS alone)."""
+        prompt = self.model.config.prompt
+        return prompt if isinstance(prompt, str) and prompt else None
 
     def _text(self, prompt: str, prompt_ids: list[int], new_ids: list[int], full_text: bool) -> str:
         continuation = self.processor.continuation(prompt_ids, new_ids)
@@ -339,23 +349,37 @@ def _saved_folder(source: str | os.PathLike | None) -> Path | None:
     return Path(source) if Path(source).is_dir() else None
 
 
-def _image_processor(model, source: str | os.PathLike | None) -> Blip2ImageProcessor:
+def model_source(model, source: str | os.PathLike | None = None) -> str | os.PathLike | None:
+    """Where the model's processor files are: ``source`` if given, else where ``from_pretrained`` read the model
+    (``model.name_or_path``: a preset name or a path), else None (a model built from a config)."""
+    return source if source is not None else getattr(model, "name_or_path", None)
+
+
+def image_processor_for(model, source: str | os.PathLike | None, seed: int | None = None) -> Blip2ImageProcessor:
     """The image processor saved with ``source`` (a preset or a folder) if any, else one from the model's config."""
     if source is not None and (str(source) in registry.PRESETS or Path(source).is_dir()):
         with contextlib.suppress(FileNotFoundError):
-            return Blip2ImageProcessor.from_pretrained(source)
+            return Blip2ImageProcessor.from_pretrained(source, seed=seed)
     config = model.config
     preset = registry.PRESETS.get(config.checkpoint_name_or_path or "")
     stats = (preset.image_mean, preset.image_std) if preset is not None else ()  # else CLIP's, the default
-    return Blip2ImageProcessor(config.vision_config.image_size, *stats)
+    return Blip2ImageProcessor(config.vision_config.image_size, *stats, seed=seed)
 
 
-def default_processor(model: Blip2Qformer, source: str | os.PathLike | None = None) -> Blip2Processor:
-    """The processor saved with ``source`` (a preset or a folder) if any, else one built from the model's config."""
-    if source is not None and (str(source) in registry.PRESETS or Path(source).is_dir()):
-        with contextlib.suppress(FileNotFoundError):
-            return Blip2Processor.from_pretrained(source)
-    return Blip2Processor(_image_processor(model, None), load_tokenizer(), model.config.max_txt_len)
+def saved_vocab(source: str | os.PathLike | None) -> Path | None:
+    """The Q-Former vocabulary (``vocab.txt``) saved with the model ``source`` (a preset's folder or a folder)."""
+    folder = _saved_folder(source)
+    vocab = folder / VOCAB_FILE if folder is not None else None
+    return vocab if vocab is not None and vocab.is_file() else None
+
+
+def default_processor(model: Blip2Qformer, source: str | os.PathLike | None = None,
+                      seed: int | None = None) -> Blip2Processor:
+    """The processor saved with the model (``source``, else ``model.name_or_path``: a preset or a folder) if any,
+    else one built from the model's config: its image settings, the vocab.txt beside it or bert-base-uncased's."""
+    source = model_source(model, source)
+    vocab = saved_vocab(source)
+    return Blip2Processor(image_processor_for(model, source, seed), load_tokenizer(vocab), model.config.max_txt_len)
 
 
 def generation_processor(model: Blip2ImageToTextGeneration, source: str | os.PathLike | None = None,
@@ -367,7 +391,8 @@ def generation_processor(model: Blip2ImageToTextGeneration, source: str | os.Pat
     ``Blip2GenerationProcessor.save_pretrained``)."""
     from blip2.llm import has_tokenizer_files, load_llm_tokenizer
 
-    image_processor = _image_processor(model, source)
+    source = model_source(model, source)
+    image_processor = image_processor_for(model, source)
     if tokenizer is not None:
         if isinstance(tokenizer, (str, os.PathLike)):
             tokenizer = load_llm_tokenizer(tokenizer)
@@ -395,7 +420,8 @@ def pipeline(task: str, model: Blip2Qformer | Blip2ImageToTextGeneration | str |
     """A callable for ``task`` with ``model``: a Blip2Qformer (stage-1 tasks) or a Blip2ImageToTextGeneration
     (``image_to_text_generation``), or a preset name or a path ``from_pretrained`` reads.
 
-    ``processor`` defaults to the one for the model; ``device`` to the model's. ``tokenizer`` (generation only) is
+    ``processor`` defaults to the one saved where the model was read from (``model.name_or_path``), else one built
+    from its config; ``device`` to the model's. ``tokenizer`` (generation only) is
     the LLM's tokenizer or its folder, when neither the LLM folder nor the model folder has one. Other keyword
     arguments are the pipeline's defaults (``candidate_labels``, ``hypothesis_template``, ``top_k``, ``batch_size``,
     generation settings such as ``max_new_tokens``, ...).

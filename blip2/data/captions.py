@@ -35,7 +35,11 @@ TextTransform = Callable[[str], str]
 def read_annotations(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Read a LAVIS annotation file: a JSON list of records, or JSONL (one record per line); check each record."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
+                         "annotation files are JSON or JSONL in UTF-8") from None
     if text.lstrip().startswith("["):
         try:
             records = json.loads(text)

@@ -1,18 +1,22 @@
-"""Training checkpoints: everything needed to continue exactly, written atomically.
+"""Training checkpoints: everything needed to continue exactly, written atomically, read without running code.
 
 A checkpoint is a folder ``<output_dir>/checkpoints/step_XXXXXXXX/`` holding the unwrapped model
-(``model.safetensors`` + ``config.yaml``), ``trainer_state.pt`` (optimizer, schedule, grad scaler, step, epoch,
-position in the epoch) and one ``rng_rank{r}.pt`` per process. It is written under a temporary name and renamed
-when complete, so a crash never leaves a folder that looks finished.
+(``model/``: ``model.safetensors`` + ``config.yaml``), ``trainer_state.pt`` (optimizer, schedule, grad scaler, step,
+epoch, position in the epoch) and one ``rng_rank{r}.pt`` per process. It is written under a temporary name and renamed
+when complete, so a crash never leaves a folder that looks finished. The ``.pt`` files hold only tensors and plain
+Python values and are read with ``weights_only=True``: a crafted file cannot run code on ``--resume``.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
+import pickle
 import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -21,19 +25,35 @@ from blip2.engine import distributed
 from blip2.weights import load_into, read_state_dict
 from blip2.weights.loader import WEIGHTS_NAME, save_pretrained
 
+logger = logging.getLogger("blip2")
+
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_STAGING_DIR = re.compile(r"^\.tmp_step_(\d+)$")
+TRAINER_STATE = "trainer_state.pt"
+_NEARLY_FULL = 2**20  # bytes: a write that failed with less than this left was stopped by a full disk
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read or written; the message names the file or folder and the reason, in one line."""
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every random generator a training step draws from, as tensors and plain values (``weights_only``-safe)."""
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gaussian],
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    python = state["python"]
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    kind, keys, position, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached_gaussian))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -48,7 +68,7 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [path for path in root.iterdir() if path.is_dir() and _STEP_DIR.match(path.name)
-             and (path / "trainer_state.pt").is_file()]
+             and (path / TRAINER_STATE).is_file()]
     return sorted(found, key=lambda path: int(_STEP_DIR.match(path.name).group(1)))
 
 
@@ -57,37 +77,134 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def remove_run_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Delete the checkpoint folders a run of ours wrote (complete ``step_N/`` and left-over ``.tmp_step_N/``);
+    anything else under ``checkpoints/`` stays. Returns what was removed."""
+    root = Path(output_dir) / "checkpoints"
+    removed = list_checkpoints(output_dir)
+    if root.is_dir():
+        removed += [path for path in root.iterdir() if path.is_dir() and _STAGING_DIR.match(path.name)]
+    for path in removed:
+        shutil.rmtree(path)
+    return removed
+
+
+def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
+    """True when every floating-point value is finite (one device-to-host read)."""
+    checks = [tensor.detach().isfinite().all() for tensor in tensors if tensor.is_floating_point()]
+    return bool(torch.stack(checks).all()) if checks else True
+
+
+def _checkpoint_bytes(model: torch.nn.Module, trainer_state: dict[str, Any]) -> int:
+    """About what a checkpoint takes on disk: the model's tensors plus the optimizer's."""
+    total = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    for per_param in trainer_state.get("optimizer", {}).get("state", {}).values():
+        total += sum(v.numel() * v.element_size() for v in per_param.values() if isinstance(v, torch.Tensor))
+    return total
+
+
+def _write_error(folder: Path, error: BaseException, needed: int) -> CheckpointError:
+    """One line for a failed write; 'no space left' when the disk says so (torch's own message does not)."""
+    try:
+        free = shutil.disk_usage(folder if folder.exists() else folder.parent).free
+    except OSError:
+        free = None
+    full = (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "No space left" in str(error) or (
+        free is not None and free < max(needed, _NEARLY_FULL))
+    if full:
+        shown = f" ({free / 2**20:.1f} MiB free, about {needed / 2**20:.1f} MiB needed)" if free is not None else ""
+        return CheckpointError(f"could not write checkpoint {folder}: no space left on device{shown}; earlier "
+                               "checkpoints are intact")
+    reason = " ".join(str(error).split()) or type(error).__name__
+    return CheckpointError(f"could not write checkpoint {folder}: {reason}; earlier checkpoints are intact")
+
+
 def save_checkpoint(output_dir: str | Path, step: int, model: torch.nn.Module, trainer_state: dict[str, Any],
-                    save_total_limit: int = 0) -> Path:
-    """Every rank writes its RNG state; rank 0 writes the rest and publishes the folder by renaming it."""
+                    save_total_limit: int = 0, rng: dict[str, Any] | None = None) -> Path:
+    """Every rank writes its RNG state (``rng``, default: the current one); rank 0 writes the rest and publishes the
+    folder by renaming it. A failed write on any rank removes the staging folder and raises ``CheckpointError``
+    on every rank (no rank is left waiting)."""
     final = checkpoint_dir(output_dir, step)
     staging = final.with_name(f".tmp_{final.name}")
+    needed = _checkpoint_bytes(model, trainer_state) if distributed.is_main_process() else 0
+    error: BaseException | None = None
     if distributed.is_main_process():
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-    distributed.barrier()
-    torch.save(rng_state(), staging / f"rng_rank{distributed.rank()}.pt")
-    distributed.barrier()
-    if distributed.is_main_process():
-        save_pretrained(model, staging / "model")
-        torch.save(trainer_state, staging / "trainer_state.pt")
-        shutil.rmtree(final, ignore_errors=True)
-        staging.rename(final)
-        if save_total_limit > 0:
-            for old in list_checkpoints(output_dir)[:-save_total_limit]:
-                shutil.rmtree(old, ignore_errors=True)
+        try:
+            if final.exists() and not (final / TRAINER_STATE).is_file():
+                raise CheckpointError(f"{final} exists but is not a blip2 checkpoint: refusing to replace it")
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+            free = shutil.disk_usage(staging).free
+            if free < needed:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        except (OSError, CheckpointError) as err:
+            error = err
+    if distributed.all_true(error is None):
+        try:
+            torch.save(rng if rng is not None else rng_state(), staging / f"rng_rank{distributed.rank()}.pt")
+        except (OSError, RuntimeError) as err:
+            error = err
+        if distributed.all_true(error is None) and distributed.is_main_process():
+            try:
+                save_pretrained(model, staging / "model")
+                torch.save(trainer_state, staging / TRAINER_STATE)
+                shutil.rmtree(final, ignore_errors=True)
+                staging.rename(final)
+            except Exception as err:  # noqa: BLE001 -- safetensors raises its own type for a full disk
+                error = err
+    if not distributed.all_true(error is None):
+        failure = (_write_error(staging, error, needed) if error is not None else
+                   CheckpointError(f"could not write checkpoint {final}: another process failed to write its part"))
+        if distributed.is_main_process():
+            shutil.rmtree(staging, ignore_errors=True)
+        raise failure
+    if distributed.is_main_process() and save_total_limit > 0:
+        for old in list_checkpoints(output_dir)[:-save_total_limit]:
+            shutil.rmtree(old, ignore_errors=True)
     distributed.barrier()
     return final
+
+
+def _load_plain(path: Path) -> Any:
+    """A ``.pt`` file of tensors and plain values; anything that would need code to rebuild is refused."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = _UNSUPPORTED_GLOBAL.search(str(error))
+        what = f" ({found.group(1)})" if found else ""
+        raise CheckpointError(f"{path}: holds objects other than tensors and plain values{what}; refusing to "
+                              "unpickle it, since that could run code (was it written by blip2?)") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        reason = " ".join(str(error).split())[:200] or type(error).__name__
+        raise CheckpointError(f"{path}: unreadable or truncated ({reason})") from None
+
+
+def weights_are_finite(path: str | Path) -> bool:
+    """Whether a checkpoint's model weights are all finite (checked before resuming from it)."""
+    return all_finite(read_state_dict(Path(path) / "model" / WEIGHTS_NAME).values())
 
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module) -> dict[str, Any]:
     """Load the model weights and this rank's RNG state; return the trainer state for the caller to apply."""
     path = Path(path)
-    if not (path / "trainer_state.pt").is_file():
-        raise FileNotFoundError(f"{path} is not a complete training checkpoint (no trainer_state.pt)")
-    load_into(model, read_state_dict(path / "model" / WEIGHTS_NAME), source=str(path))
-    trainer_state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+    if not (path / TRAINER_STATE).is_file():
+        raise FileNotFoundError(f"{path} is not a complete training checkpoint (no {TRAINER_STATE})")
+    trainer_state = _load_plain(path / TRAINER_STATE)
+    if not isinstance(trainer_state, dict) or "step" not in trainer_state:
+        raise CheckpointError(f"{path / TRAINER_STATE}: not a blip2 trainer state (no 'step')")
     rng_file = path / f"rng_rank{distributed.rank()}.pt"
-    if rng_file.is_file():
-        trainer_state["rng"] = torch.load(rng_file, map_location="cpu", weights_only=False)
+    rng = _load_plain(rng_file) if rng_file.is_file() else None
+    load_into(model, read_state_dict(path / "model" / WEIGHTS_NAME), source=str(path))
+    if rng is not None:
+        trainer_state["rng"] = rng
     return trainer_state
+
+
+def resumable_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest checkpoint in ``output_dir`` whose weights are finite; newer ones that hold NaN or inf are skipped
+    with a warning (a run saved by an older version may have saved them just before its loss went non-finite)."""
+    for path in reversed(list_checkpoints(output_dir)):
+        if weights_are_finite(path):
+            return path
+        logger.warning("skipping checkpoint %s: its weights are not finite (NaN or inf)", path)
+    return None

@@ -30,7 +30,8 @@ def generation_pipeline(trainer, hypothesis_template: str | None = None):
     from blip2.processing import Blip2GenerationProcessor
 
     cfg = trainer.config.eval_dataset
-    template = hypothesis_template or (cfg.data_loader.hypothesis_template if cfg else None) or IDENTITY_TEMPLATE
+    template = (hypothesis_template or getattr(trainer, "task_options", {}).get("hypothesis_template")
+                or (cfg.data_loader.hypothesis_template if cfg else None) or IDENTITY_TEMPLATE)
     model = distributed.unwrap(trainer.model).eval()
     processor = Blip2GenerationProcessor(trainer.image_processor, trainer.tokenizer)
     return ImageToTextGenerationPipeline(model, processor, trainer.device, hypothesis_template=template,
@@ -50,7 +51,7 @@ class ImageToTextGenerationTask(Task):
             raise ValueError(f"{self.name} evaluation needs an eval_dataset with stage 'eval' (captions per image)")
         cfg = trainer.config.eval_dataset
         pipe = generation_pipeline(trainer, hypothesis_template)
-        prompt = cfg.text_transforms.prompt or None
+        prompt = cfg.text_transforms.prompt or None  # None: the model's own prompt (model_config.prompt), if any
         loader = _loader(dataset, trainer.image_collator(train=False), trainer.eval_batch_size, cfg.num_workers)
         settings = {**CAPTION_SETTINGS, **generation_kwargs}
         candidates: dict[int, str] = {}

@@ -14,11 +14,29 @@ from typing import Any
 from blip2.config import Blip2Config, ConfigError, _ConfigBase
 
 RUN_MODES = ("train", "eval", "predict")
+# the names each ``type`` key accepts (the seed's names first); anything else is an error naming these
+DATA_LOADER_TYPES = ("MultiImgCapDataLoader", "ImageFolderDataset", "Cifar100DataLoader", "Cifar100Dataset")
+TEXT_TRANSFORM_TYPES = ("CaptionTransform",)
+# BertTokenizer: the Q-Former's WordPiece (stage 1); LlamaTokenizer / AutoTokenizer: the LLM's own tokenizer (stage 2)
+TOKENIZER_TYPES = ("BertTokenizer", "LlamaTokenizer", "AutoTokenizer")
+STAGE1_TOKENIZER_TYPES = ("BertTokenizer",)
+PADDING = ("max_length", "longest")
+STAGE1_ARCHS = ("Blip2Qformer", "Blip2Classifier", "Blip2ItmEvaluator")
+STAGE2_ARCHS = ("Blip2ImageToTextGeneration", "Blip2Llm")
+# AdamW with decoupled weight decay is the only optimizer: MindFormers calls it AdamWeightDecay
+OPTIMIZER_TYPES = ("adamw", "AdamW", "AdamWeightDecay")
+# linear warm-up then cosine decay to lr_end is the only schedule: MindFormers calls it CosineWithWarmUpLR
+LR_SCHEDULE_TYPES = ("cosine", "CosineWithWarmUpLR")
+
+
+def _check_choice(key: str, value: Any, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ConfigError(f"{key}={value!r} is not supported; valid: {', '.join(valid)}")
 
 
 @dataclass
 class DataLoaderConfig(_ConfigBase):
-    type: str = "MultiImgCapDataLoader"  # or ImageFolderDataset, Cifar100DataLoader
+    type: str = "MultiImgCapDataLoader"  # or ImageFolderDataset, Cifar100DataLoader (see DATA_LOADER_TYPES)
     dataset_dir: str = ""
     annotation_files: list[str] = field(default_factory=list)
     image_dirs: list[str] = field(default_factory=list)
@@ -29,26 +47,37 @@ class DataLoaderConfig(_ConfigBase):
     hypothesis_template: str | None = None  # zero-shot classification prompt, e.g. "a picture of {}"
 
     def __post_init__(self) -> None:
+        _check_choice("data_loader.type", self.type, DATA_LOADER_TYPES)
         if self.on_error not in ("skip", "raise"):
             raise ConfigError(f"data_loader.on_error={self.on_error!r} must be 'skip' or 'raise'")
 
 
 @dataclass
 class TextTransformConfig(_ConfigBase):
-    type: str = "CaptionTransform"
+    type: str = "CaptionTransform"  # clean_caption (LAVIS blip_caption) with the prompt and word limit below
     prompt: str = ""
     max_words: int = 50
-    max_length: int = 32
+    # the seed's second name for tokenizer.max_length (the token ids' length): when given it must agree with it
+    max_length: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_choice("text_transforms.type", self.type, TEXT_TRANSFORM_TYPES)
 
 
 @dataclass
 class TokenizerConfig(_ConfigBase):
-    type: str = "BertTokenizer"
+    # None: what the model reads (BertTokenizer for stage 1, the LLM's own for stage 2); given, it must fit the model
+    type: str | None = None
     max_length: int = 32
     # None: the bert-base-uncased vocabulary shipped with the package; a relative path is read from the data set's
     # dataset_dir, like the annotation files (the generated shapes data carries its own trimmed vocab.txt)
     vocab_file: str | None = None
     padding: str = "max_length"
+
+    def __post_init__(self) -> None:
+        if self.type is not None:
+            _check_choice("tokenizer.type", self.type, TOKENIZER_TYPES)
+        _check_choice("tokenizer.padding", self.padding, PADDING)
 
 
 @dataclass
@@ -64,7 +93,9 @@ class DatasetConfig(_ConfigBase):
     k_test: int = 128  # retrieval: ITC candidates re-ranked by ITM
     add_extra_itm_score: bool = True  # retrieval: add the ITM score to the ITC similarity
     candidate_labels: list[str] | None = None  # classification: default the data set's class names
-    image_size: int | None = None  # None: the model's vision_config.image_size
+    # None: the model's vision_config.image_size, which is the only size it reads (a different one is refused by the
+    # Trainer; images of another size need the model methods' interpolate_pos_encoding=True)
+    image_size: int | None = None
     augment: bool = True  # training images: random resized crop (scale 0.5-1) + horizontal flip, as LAVIS
 
     _nested = {"data_loader": DataLoaderConfig, "text_transforms": TextTransformConfig,
@@ -74,6 +105,16 @@ class DatasetConfig(_ConfigBase):
         for name, cls in self._nested.items():
             if isinstance(getattr(self, name), dict):
                 setattr(self, name, cls.from_dict(getattr(self, name), where=name))
+        given = self.text_transforms.max_length
+        if given is not None and given != self.tokenizer.max_length:
+            raise ConfigError(
+                f"text_transforms.max_length={given} but tokenizer.max_length={self.tokenizer.max_length}: both "
+                "name the token ids' length; give them the same value (or leave text_transforms.max_length out)"
+            )
+
+    def check_numbers(self, owner: str) -> None:
+        _check_at_least(owner, 1, batch_size=self.batch_size, k_test=self.k_test, image_size=self.image_size)
+        _check_at_least(owner, 0, num_workers=self.num_workers)
 
 
 @dataclass
@@ -89,6 +130,15 @@ class ModelSection(_ConfigBase):
     def __post_init__(self) -> None:
         if isinstance(self.model_config, dict):
             self.model_config = Blip2Config.from_dict(self.model_config, where="model.model_config")
+        if not isinstance(self.arch, dict) or set(self.arch) - {"type"}:
+            keys = sorted(self.arch) if isinstance(self.arch, dict) else self.arch
+            raise ConfigError(f"model.arch={keys!r}: only 'type' is read (one of "
+                              f"{', '.join(STAGE1_ARCHS + STAGE2_ARCHS)})")
+        _check_choice("model.arch.type", self.arch.get("type", "Blip2Qformer"), STAGE1_ARCHS + STAGE2_ARCHS)
+
+    @property
+    def arch_type(self) -> str:
+        return self.arch.get("type", "Blip2Qformer")
 
 
 @dataclass
@@ -97,41 +147,78 @@ class TrainerSection(_ConfigBase):
     model_name: str | None = None  # a preset name: its config and weights when model.model_config is absent
 
 
+def _check_at_least(owner: str, minimum: int, **values: int | float | None) -> None:
+    """Each value (None: not set, allowed) must be a number >= minimum; the error names the key."""
+    for name, value in values.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum):
+            raise ConfigError(f"{owner}.{name}={value!r} must be a number >= {minimum}")
+
+
 @dataclass
 class RunnerConfig(_ConfigBase):
     epochs: int = 1
     batch_size: int = 8  # per process
-    max_steps: int = -1  # stop after this many optimizer steps (-1: epochs decide)
+    max_steps: int = -1  # stop after this many optimizer steps; 0 or -1: epochs decide
     gradient_accumulation_steps: int = 1
     max_grad_norm: float | None = None
     log_interval: int = 10
     save_steps: int = 0  # 0: only at the end
-    save_total_limit: int = 2
+    save_total_limit: int = 2  # checkpoints kept (0: all)
     eval_batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_at_least("runner_config", 1, batch_size=self.batch_size, log_interval=self.log_interval,
+                        gradient_accumulation_steps=self.gradient_accumulation_steps,
+                        eval_batch_size=self.eval_batch_size)
+        _check_at_least("runner_config", 0, epochs=self.epochs, save_steps=self.save_steps,
+                        save_total_limit=self.save_total_limit)
+        _check_at_least("runner_config", -1, max_steps=self.max_steps)
+        if self.max_grad_norm is not None:
+            _check_at_least("runner_config", 0, max_grad_norm=self.max_grad_norm)
+
+    @property
+    def trains_nothing(self) -> bool:
+        """epochs=0 with no max_steps: zero optimizer steps in all."""
+        return self.max_steps <= 0 and self.epochs == 0
 
 
 @dataclass
 class OptimizerConfig(_ConfigBase):
-    type: str = "adamw"
+    type: str = "adamw"  # AdamW (OPTIMIZER_TYPES: the seed's AdamWeightDecay is the same optimizer)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-8
     weight_decay: float = 0.05
 
+    def __post_init__(self) -> None:
+        _check_choice("optimizer.type", self.type, OPTIMIZER_TYPES)
+        if not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2:
+            raise ConfigError(f"optimizer.betas={self.betas!r} must be two numbers [beta1, beta2]")
+
 
 @dataclass
 class LrScheduleConfig(_ConfigBase):
-    type: str = "cosine"
+    type: str = "cosine"  # linear warm-up, then cosine to lr_end (LR_SCHEDULE_TYPES)
     learning_rate: float = 1e-4
     lr_end: float = 1e-5
     warmup_lr_init: float = 1e-6
     warmup_steps: int = 0
     total_steps: int = -1  # -1: derived from epochs and the data set
 
+    def __post_init__(self) -> None:
+        _check_choice("lr_schedule.type", self.type, LR_SCHEDULE_TYPES)
+
 
 @dataclass
 class ParallelConfig(_ConfigBase):
-    backend: str | None = None  # None: gloo on CPU, nccl on GPU (only used under torchrun)
+    """The seed's ``parallel`` section. Under torchrun the Trainer always runs data parallel (DDP: NCCL on GPU, gloo on
+    CPU), which averages gradients over processes; ``gradients_mean: true`` says so and ``false`` is refused."""
+
     gradients_mean: bool = True
+
+    def __post_init__(self) -> None:
+        if self.gradients_mean is not True:
+            raise ConfigError(f"parallel.gradients_mean={self.gradients_mean!r} is not supported: data-parallel "
+                              "training averages gradients over processes (scale learning_rate to change the step)")
 
 
 @dataclass
@@ -141,6 +228,7 @@ class RunConfig(_ConfigBase):
     output_dir: str = "./output"
     load_checkpoint: str | None = None  # weights to start from: a preset, our folder, an HF folder, a LAVIS .pth
     resume: bool = False  # continue from the latest checkpoint in output_dir
+    overwrite: bool = False  # a fresh run may replace the run (checkpoints, model/) already in output_dir
     device: str = "auto"  # auto | cpu | cuda
     trainer: TrainerSection = field(default_factory=TrainerSection)
     model: ModelSection | None = None
@@ -159,10 +247,36 @@ class RunConfig(_ConfigBase):
         for name, cls in self._nested.items():
             if isinstance(getattr(self, name), dict):
                 setattr(self, name, cls.from_dict(getattr(self, name), where=name))
+        for name in ("train_dataset", "eval_dataset"):
+            if getattr(self, name) is not None:
+                getattr(self, name).check_numbers(name)
         if self.run_mode not in RUN_MODES:
             raise ConfigError(f"run_mode={self.run_mode!r} must be one of {', '.join(RUN_MODES)}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device={self.device!r} must be auto, cpu or cuda")
+        self._check_prompt()
+
+    def _check_prompt(self) -> None:
+        """The seed's ``model_config.prompt`` (whether, or which, fixed prompt stage-2 training puts before every
+        caption) must agree with ``train_dataset.text_transforms.prompt``, the prompt the data set applies."""
+        if self.model is None or self.train_dataset is None:
+            return
+        declared, used = self.model.model_config.prompt, self.train_dataset.text_transforms.prompt
+        if declared == "" or declared is None:  # not declared
+            return
+        if isinstance(declared, bool):
+            if declared != bool(used):
+                raise ConfigError(
+                    f"model.model_config.prompt={declared} but train_dataset.text_transforms.prompt={used!r}: "
+                    + ("set the prompt text in text_transforms.prompt" if declared else
+                       "set model_config.prompt to true (or to the prompt text)"))
+            return
+        if not isinstance(declared, str):
+            raise ConfigError(f"model.model_config.prompt={declared!r} must be a string or true/false")
+        if declared != used:
+            raise ConfigError(f"model.model_config.prompt={declared!r} but train_dataset.text_transforms.prompt="
+                              f"{used!r}: the model's prompt is the one its training captions start with; make them "
+                              "the same")
 
     @classmethod
     def load(cls, path: str | Path) -> "RunConfig":

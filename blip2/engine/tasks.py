@@ -127,7 +127,8 @@ class RetrievalTask(Task):
                                          min_length=min_length)
             image_feats = model.get_image_features(pixel_values).float()
         captions = [text.strip() for text in trainer.tokenizer.batch_decode(caption_ids, skip_special_tokens=True)]
-        texts = list(candidate_texts or getattr(trainer.eval_dataset, "texts", None) or [])
+        eval_texts = getattr(trainer.eval_dataset, "texts", None) if trainer.has_eval_data() else None
+        texts = list(candidate_texts or eval_texts or [])
         results = [{"image": str(image) if isinstance(image, (str, os.PathLike)) else f"image {index}",
                     "caption": caption} for index, (image, caption) in enumerate(zip(images, captions))]
         if texts and top_k:
@@ -178,12 +179,28 @@ def ranked_labels(probs: torch.Tensor, labels: Sequence[str], top_k: int | None)
 class ZeroShotClassificationTask(Task):
     name = "zero_shot_image_classification"
 
-    def _labels_and_template(self, trainer, dataset=None, candidate_labels=None, hypothesis_template=None):
+    def _labels_and_template(self, trainer, dataset=None, candidate_labels=None, hypothesis_template=None,
+                             build_dataset=None):
+        """Labels: given to the call, else to the Trainer (``candidate_labels=``), else ``eval_dataset.
+        candidate_labels``, else the eval set's class names (``dataset``, or the one ``build_dataset()`` returns:
+        built only when nothing else names the labels)."""
         cfg = trainer.config.eval_dataset
-        labels = candidate_labels or (cfg.candidate_labels if cfg else None) or getattr(dataset, "classes", None)
+        options = getattr(trainer, "task_options", {})
+        labels = candidate_labels or options.get("candidate_labels") or (cfg.candidate_labels if cfg else None)
+        if not labels and dataset is None and build_dataset is not None:
+            try:
+                dataset = build_dataset()
+            except FileNotFoundError as error:
+                raise FileNotFoundError(f"{self.name} needs candidate_labels, and the eval data set that would name "
+                                        f"them is not there ({error}): give --eval_dataset_dir or candidate_labels") \
+                    from None
+        if not labels and dataset is not None:
+            labels = getattr(dataset, "classes", None)
         if not labels:
-            raise ValueError(f"{self.name} needs candidate_labels (or a data set with classes)")
-        template = hypothesis_template or (cfg.data_loader.hypothesis_template if cfg else None) or DEFAULT_TEMPLATE
+            raise ValueError(f"{self.name} needs candidate_labels (Trainer(candidate_labels=[...]), "
+                             "eval_dataset.candidate_labels, or an eval data set with classes: --eval_dataset_dir)")
+        template = (hypothesis_template or options.get("hypothesis_template")
+                    or (cfg.data_loader.hypothesis_template if cfg else None) or DEFAULT_TEMPLATE)
         return list(labels), template
 
     def evaluate(self, trainer, hypothesis_template=None) -> dict[str, float]:
@@ -203,7 +220,8 @@ class ZeroShotClassificationTask(Task):
 
     def predict(self, trainer, input_data, candidate_labels=None, hypothesis_template=None, top_k=None, **_):
         model = distributed.unwrap(trainer.model).eval()
-        labels, template = self._labels_and_template(trainer, None, candidate_labels, hypothesis_template)
+        labels, template = self._labels_and_template(trainer, None, candidate_labels, hypothesis_template,
+                                                     build_dataset=lambda: trainer.eval_dataset)
         label_feats = label_features(model, trainer.tokenizer, labels, template, trainer.text_max_length,
                                      trainer.device)
         images = input_data if isinstance(input_data, (list, tuple)) else [input_data]

@@ -8,11 +8,14 @@ the data is sharded by a seeded sampler, stage-1 gathers span all ranks, and onl
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
 import os
 import random
+import signal
+import threading
 import sys
 import time
 from pathlib import Path
@@ -27,9 +30,12 @@ from blip2.config import Blip2Config
 from blip2.engine import checkpoint as ckpt
 from blip2.engine import distributed
 from blip2.engine.optim import WarmupCosineSchedule, build_optimizer
-from blip2.engine.run_config import DatasetConfig, RunConfig
+from blip2.engine.output_dir import check_writable, truncate_log
+from blip2.engine.run_config import (DATA_LOADER_TYPES, STAGE1_ARCHS, STAGE1_TOKENIZER_TYPES, STAGE2_ARCHS,
+                                     DatasetConfig, RunConfig)
 from blip2.engine.sampler import ResumableDistributedSampler
 from blip2.engine.tasks import Task, get_task
+from blip2.weights.io import check_output_folder
 
 logger = logging.getLogger("blip2")
 
@@ -57,8 +63,59 @@ class EpochSeeded(Dataset):
         return item
 
 
-STAGE1_ARCHS = ("Blip2Qformer", "Blip2Classifier", "Blip2ItmEvaluator")
-STAGE2_ARCHS = ("Blip2ImageToTextGeneration", "Blip2Llm")
+_UNBUILT = object()  # a data set the Trainer builds from its config when first used
+
+
+@contextlib.contextmanager
+def defer_interrupts():
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block until it ends, then raise KeyboardInterrupt."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
+
+
+@dataclasses.dataclass(eq=False)
+class _TrainRun:
+    """One call of ``Trainer.train``: what it built, where it is, and its state after the last completed step (what
+    a checkpoint holds, so one saved on Ctrl-C mid-step resumes exactly)."""
+
+    raw_model: torch.nn.Module
+    dataset_cfg: DatasetConfig
+    batch_size: int
+    seeded: "EpochSeeded"
+    sampler: ResumableDistributedSampler
+    batches_per_epoch: int
+    total_steps: int
+    optimizer: torch.optim.Optimizer
+    schedule: WarmupCosineSchedule
+    scaler: torch.amp.GradScaler
+    collate: Any
+    rng: dict[str, Any]  # the RNG state after the last completed step
+    gather: Any = dataclasses.field(default_factory=distributed.feature_gather)
+    epoch: int = 0  # where the loop is
+    batches_done: int = 0
+    step_position: tuple[int, int, int] = (0, 0, 0)  # (epoch, batches in it, images skipped) after the last step
+    saved_at: int = -1
+
+    def mark_step(self, num_skipped: int) -> None:
+        self.step_position = (self.epoch, self.batches_done, num_skipped)
+        self.rng = ckpt.rng_state()
+
+    def trainer_state(self, trainer: "Trainer") -> dict[str, Any]:
+        epoch, batches, num_skipped = self.step_position
+        if batches >= self.batches_per_epoch:
+            epoch, batches = epoch + 1, 0
+        return {"optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
+                "scaler": self.scaler.state_dict(), "step": trainer.global_step, "epoch": epoch,
+                "batches_in_epoch": batches, "num_skipped": num_skipped, "config": trainer.config.to_dict()}
 
 
 def vocab_file_of(dataset_cfg: DatasetConfig | None) -> Path | None:
@@ -66,7 +123,7 @@ def vocab_file_of(dataset_cfg: DatasetConfig | None) -> Path | None:
     if dataset_cfg is None or not dataset_cfg.tokenizer.vocab_file:
         return None
     path = Path(dataset_cfg.tokenizer.vocab_file).expanduser()
-    return path if path.is_absolute() else Path(dataset_cfg.data_loader.dataset_dir) / path
+    return path if path.is_absolute() else Path(dataset_cfg.data_loader.dataset_dir).expanduser() / path
 
 
 def check_tokenizer_fits(tokenizer, config: Blip2Config) -> None:
@@ -111,17 +168,53 @@ def setup_logging(is_main: bool) -> None:
     logger.setLevel(logging.INFO if is_main else logging.WARNING)
 
 
+class _DatasetImage:
+    """One image of a data set, loaded when called; ``name`` is its path, or ``image <index>``."""
+
+    def __init__(self, dataset: Dataset, index: int, path: str | None) -> None:
+        self.dataset, self.index, self.path = dataset, index, path
+        self.name = path if path is not None else f"image {index}"
+
+    def __call__(self):
+        if self.path is not None:
+            return self.path
+        item = self.dataset[self.index]
+        if item is None:
+            raise ValueError(f"image {self.index} of the data set could not be read")
+        return item["image"]
+
+
+def dataset_images(dataset: Dataset) -> list[_DatasetImage]:
+    """Every image of an eval set once, in order: paths where the data set keeps them (caption sets keep one per
+    image, class folders one per sample), else the items' images, loaded when called."""
+    paths = getattr(dataset, "image_paths", None)
+    if paths is None and hasattr(dataset, "samples"):  # ImageFolderDataset: (path, label)
+        paths = [path for path, _ in dataset.samples]
+    count = len(paths) if paths is not None else len(dataset)
+    return [_DatasetImage(dataset, index, str(paths[index]) if paths is not None else None) for index in range(count)]
+
+
 class Trainer:
     """``Trainer(task=..., model=..., train_dataset=..., eval_dataset=..., config=...)``.
 
-    ``config`` is a ``RunConfig``, a path to a run YAML, a dict, or None (defaults). A model not given is built
-    from ``config.load_checkpoint``, ``config.model.model_config`` or the preset ``config.trainer.model_name``.
+    ``config`` is a ``RunConfig``, a path to a run YAML, a dict, or None (defaults). ``model`` is a model, or a
+    preset name or a path that ``from_pretrained`` reads (the seed's ``model="blip2_stage1_vit_g"``); a model not
+    given is built from ``config.load_checkpoint``, ``config.model.model_config`` or the preset
+    ``config.trainer.model_name``. ``candidate_labels`` and ``hypothesis_template`` are the task's defaults
+    (zero-shot classification labels; its label template, or image_to_text_generation's prompt template).
+
+    Data sets are built when first used: ``train()`` builds the train set, ``evaluate()`` the eval set, and
+    ``predict()`` none unless it is asked to predict over the eval set's images (no ``input_data``), or needs its
+    class names or captions. A run that only predicts therefore never reads the data sets' paths.
     """
 
-    def __init__(self, task: str | None = None, model: torch.nn.Module | None = None,
+    def __init__(self, task: str | None = None, model: torch.nn.Module | str | os.PathLike | None = None,
                  train_dataset: Dataset | None = None, eval_dataset: Dataset | None = None,
                  config: RunConfig | str | os.PathLike | dict | None = None, tokenizer=None, image_processor=None,
-                 **overrides: Any) -> None:
+                 candidate_labels: list[str] | tuple[str, ...] | None = None, hypothesis_template: str | None = None,
+                 model_name: str | None = None, **overrides: Any) -> None:
+        from blip2.config import validate_tree
+
         if isinstance(config, (str, os.PathLike)):
             config = RunConfig.from_yaml(config)
         elif isinstance(config, dict) or config is None:
@@ -132,32 +225,37 @@ class Trainer:
             setattr(config, key, value)
         if task is not None:
             config.trainer.type = task
+        if model_name is not None:  # the seed's Trainer(..., model_name=preset)
+            config.trainer.model_name = model_name
+        validate_tree(config)  # a config changed in code is checked as a loaded one is
         self.config = config
         self.task: Task = get_task(config.trainer.type)
+        self.task_options = self._task_options(candidate_labels, hypothesis_template)
         self.device = self._pick_device(config.device)
         distributed.init_from_env(self.device)
         self.is_main = distributed.is_main_process()
         setup_logging(self.is_main)
         seed_everything(config.seed)
-        self.model = model if model is not None else self._build_model()
+        if model is None:
+            model = self._build_model()
+        elif isinstance(model, (str, os.PathLike)):  # a preset name or a path, as from_pretrained takes them
+            model = self._model_class(str(model)).from_pretrained(model)
+        elif not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a BLIP-2 model, a preset name or a path; got {type(model).__name__}")
+        self.model = model
         self.model.to(self.device)
-        from blip2.processing import Blip2ImageProcessor, load_tokenizer
-
-        dataset_cfg = config.train_dataset or config.eval_dataset
         self.stage2 = hasattr(distributed.unwrap(self.model), "language_model")
         if self.stage2:
             self.task = get_task(config.trainer.type, stage2=True)
-            self.tokenizer = tokenizer or self._llm_tokenizer(dataset_cfg)
+        self._check_tokenizer_types()
+        if self.stage2:
+            self.tokenizer = tokenizer or self._llm_tokenizer()
         else:
-            self.tokenizer = tokenizer or load_tokenizer(vocab_file_of(dataset_cfg) or self._checkpoint_vocab())
+            self.tokenizer = tokenizer or self._qformer_tokenizer()
             check_tokenizer_fits(self.tokenizer, self.model_config)
-        image_size = (dataset_cfg.image_size if dataset_cfg and dataset_cfg.image_size else
-                      self.model_config.vision_config.image_size)
-        self.image_processor = image_processor or Blip2ImageProcessor(image_size=image_size, seed=config.seed)
-        self.train_dataset = train_dataset if train_dataset is not None else self._build_dataset(config.train_dataset,
-                                                                                                 train=True)
-        self.eval_dataset = eval_dataset if eval_dataset is not None else self._build_dataset(config.eval_dataset,
-                                                                                              train=False)
+        self.image_processor = image_processor or self._image_processor()
+        self._train_dataset = _UNBUILT if train_dataset is None else train_dataset
+        self._eval_dataset = _UNBUILT if eval_dataset is None else eval_dataset
         self.output_dir = Path(config.output_dir)
         self.global_step = 0
         self.num_skipped = 0
@@ -171,26 +269,53 @@ class Trainer:
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         return torch.device("cpu")
 
-    def _model_class(self):
-        """Blip2ImageToTextGeneration for the stage-2 arch names (or a config with text_config), else Blip2Qformer."""
+    def _task_options(self, candidate_labels, hypothesis_template) -> dict[str, Any]:
+        """The seed's Trainer keywords: ``candidate_labels`` (zero-shot classification) and ``hypothesis_template``
+        (its label template, or image_to_text_generation's prompt template)."""
+        options: dict[str, Any] = {}
+        if candidate_labels is not None:
+            if self.task.name != "zero_shot_image_classification":
+                raise ValueError(f"candidate_labels is for zero_shot_image_classification, not {self.task.name}")
+            labels = [candidate_labels] if isinstance(candidate_labels, str) else list(candidate_labels)
+            if not labels or not all(isinstance(label, str) and label for label in labels):
+                raise ValueError(f"candidate_labels must be a non-empty list of strings, got {candidate_labels!r}")
+            options["candidate_labels"] = labels
+        if hypothesis_template is not None:
+            if not isinstance(hypothesis_template, str):
+                raise ValueError(f"hypothesis_template must be a string, got {type(hypothesis_template).__name__}")
+            options["hypothesis_template"] = hypothesis_template
+        return options
+
+    def _model_class(self, source: str | None = None):
+        """Blip2ImageToTextGeneration for the stage-2 arch names (or a config with text_config), else Blip2Qformer.
+
+        Without a ``model`` section, a model named by ``source`` is built as its preset's group or its saved config
+        say (a config with text_config is stage 2), else as the task says (image-to-text generation: stage 2)."""
+        from blip2 import registry
         from blip2.models import Blip2ImageToTextGeneration, Blip2Qformer
 
         section = self.config.model
-        arch = (section.arch or {}).get("type", "Blip2Qformer") if section is not None else "Blip2Qformer"
-        if arch in STAGE2_ARCHS or (section is not None and section.model_config.text_config is not None):
-            return Blip2ImageToTextGeneration
-        if arch not in STAGE1_ARCHS:
-            raise ValueError(f"unknown model.arch.type {arch!r}; available: {', '.join(STAGE1_ARCHS + STAGE2_ARCHS)}")
-        return Blip2Qformer
+        if section is not None:
+            if section.arch_type in STAGE2_ARCHS or section.model_config.text_config is not None:
+                return Blip2ImageToTextGeneration
+            return Blip2Qformer
+        if source is not None:
+            if source in registry.PRESETS:
+                return Blip2Qformer if registry.PRESETS[source].group == "stage1" else Blip2ImageToTextGeneration
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                saved = Blip2Config.from_pretrained(source)
+                return Blip2Qformer if saved.text_config is None else Blip2ImageToTextGeneration
+        generation = self.task.name in ("image_to_text_generation", "image_to_text_generation_pretrain")
+        return Blip2ImageToTextGeneration if generation else Blip2Qformer
 
     def _build_model(self) -> torch.nn.Module:
         from blip2 import registry
 
         cfg = self.config
-        model_class = self._model_class()
         model_config = cfg.model.model_config if cfg.model is not None else None
         start = model_config.checkpoint_name_or_path if model_config else None
         source = cfg.load_checkpoint or start
+        model_class = self._model_class(str(source or cfg.trainer.model_name or "") or None)
         if source:
             # folders and presets carry their own config and a LAVIS .pth none, so the YAML's serves for a .pth; and
             # stage 2 starting from model_config.checkpoint_name_or_path (a stage-1 model) keeps the YAML's config
@@ -227,21 +352,90 @@ class Trainer:
                         len(report.missing))
         model.apply_freezing()
 
-    def _llm_tokenizer(self, dataset_cfg: DatasetConfig | None):
-        """Stage 2: tokenizer.vocab_file (a tokenizer folder or file), else the pipeline's lookup: the LLM's folder,
-        then the load_checkpoint folder."""
+    def _data_sections(self) -> list[tuple[str, DatasetConfig]]:
+        return [(name, cfg) for name in ("train_dataset", "eval_dataset")
+                if (cfg := getattr(self.config, name)) is not None]
+
+    def _check_tokenizer_types(self) -> None:
+        """A data set's ``tokenizer.type`` (when given) must be what the model reads: BertTokenizer word pieces for
+        the Q-Former (stage 1), the LLM's own tokenizer in stage 2."""
+        for name, cfg in self._data_sections():
+            kind = cfg.tokenizer.type
+            if kind is None:
+                continue
+            if not self.stage2 and kind not in STAGE1_TOKENIZER_TYPES:
+                raise ValueError(f"{name}.tokenizer.type={kind!r} does not fit a stage-1 model: the Q-Former reads "
+                                 f"{', '.join(STAGE1_TOKENIZER_TYPES)} word pieces")
+            if self.stage2 and kind in STAGE1_TOKENIZER_TYPES:
+                raise ValueError(f"{name}.tokenizer.type={kind!r} does not fit a stage-2 model: it reads the LLM's own "
+                                 "tokenizer (LlamaTokenizer or AutoTokenizer, read from the LLM's folder)")
+
+    def _given_vocab_files(self) -> list[tuple[str, Path]]:
+        return [(name, vocab) for name, cfg in self._data_sections() if (vocab := vocab_file_of(cfg)) is not None]
+
+    def _qformer_tokenizer(self):
+        """The Q-Former tokenizer: a data set's ``tokenizer.vocab_file`` that exists, else the vocab.txt saved with the
+        model (its folder, or its preset's under $BLIP2_HOME), else bert-base-uncased's shipped with blip2."""
+        from blip2.pipelines import saved_vocab
+        from blip2.processing import load_tokenizer
+
+        given = self._given_vocab_files()
+        for _, vocab in given:
+            if vocab.is_file():
+                return load_tokenizer(vocab)
+        saved = saved_vocab(self.model_source)
+        if given and saved is None:
+            name, vocab = given[0]
+            raise FileNotFoundError(
+                f"tokenizer vocabulary not found: {vocab} ({name}.tokenizer.vocab_file, read from its dataset_dir); "
+                "set it to null for the bert-base-uncased vocabulary shipped with blip2 (as "
+                "configs/blip2/run_blip2_tiny_own_data.yaml does for your own captions)")
+        if given:
+            logger.info("%s not found: using the vocabulary saved with the model, %s", given[0][1], saved)
+        return load_tokenizer(saved)
+
+    def _llm_tokenizer(self):
+        """Stage 2: a data set's tokenizer.vocab_file (a tokenizer folder or file) that exists, else the pipeline's
+        lookup: the LLM's folder, then the folder the model was read from."""
         from blip2.pipelines import generation_processor
 
-        given = vocab_file_of(dataset_cfg)
-        folder = (given.parent if given.is_file() else given) if given is not None else None
-        return generation_processor(distributed.unwrap(self.model), self.config.load_checkpoint,
-                                    tokenizer=folder).tokenizer
+        given = self._given_vocab_files()
+        folder = next((vocab.parent if vocab.is_file() else vocab for _, vocab in given if vocab.exists()), None)
+        try:
+            return generation_processor(distributed.unwrap(self.model), self.model_source, tokenizer=folder).tokenizer
+        except FileNotFoundError as error:
+            if not given or folder is not None:
+                raise
+            raise FileNotFoundError(f"{given[0][0]}.tokenizer.vocab_file {given[0][1]} does not exist, and {error}") \
+                from None
+
+    def _image_processor(self):
+        """The image processor saved with the model (its folder's preprocessor_config.json, or its preset's), else
+        one from the model's config: evaluation, prediction and pipelines preprocess one checkpoint the same way."""
+        from blip2.pipelines import image_processor_for
+
+        processor = image_processor_for(distributed.unwrap(self.model), self.model_source, seed=self.config.seed)
+        size = self.model_config.vision_config.image_size
+        for name, cfg in self._data_sections():
+            if cfg.image_size is not None and cfg.image_size != size:
+                raise ValueError(f"{name}.image_size={cfg.image_size} but the model reads {size}-pixel images "
+                                 "(model_config.vision_config.image_size): leave image_size unset or change the "
+                                 "model's")
+        if processor.image_size != size:
+            raise ValueError(f"the image processor saved with {self.model_source} resizes to {processor.image_size} "
+                             f"pixels but the model reads {size}-pixel images (vision_config.image_size)")
+        return processor
+
+    @property
+    def model_source(self) -> str | None:
+        """Where ``from_pretrained`` read the model (a preset name or a path; ``model.name_or_path``), or None."""
+        return getattr(distributed.unwrap(self.model), "name_or_path", None)
 
     def _checkpoint_vocab(self) -> Path | None:
-        """The vocab.txt saved beside the model that load_checkpoint names, if any."""
-        source = self.config.load_checkpoint
-        vocab = Path(source) / "vocab.txt" if source else None
-        return vocab if vocab is not None and vocab.is_file() else None
+        """The vocab.txt saved with the model (its folder, or its preset's folder under $BLIP2_HOME), if any."""
+        from blip2.pipelines import saved_vocab
+
+        return saved_vocab(self.model_source)
 
     @property
     def model_config(self) -> Blip2Config:
@@ -258,26 +452,56 @@ class Trainer:
         cfg = self.config.eval_dataset
         return runner.eval_batch_size or (cfg.batch_size if cfg and cfg.batch_size else runner.batch_size)
 
+    @property
+    def train_dataset(self) -> Dataset | None:
+        """The train set given to the Trainer, else ``config.train_dataset`` built on first use (None: neither)."""
+        if self._train_dataset is _UNBUILT:
+            self._train_dataset = self._build_dataset(self.config.train_dataset, train=True)
+        return self._train_dataset
+
+    @train_dataset.setter
+    def train_dataset(self, dataset: Dataset | None) -> None:
+        self._train_dataset = dataset
+
+    @property
+    def eval_dataset(self) -> Dataset | None:
+        """The eval set given to the Trainer, else ``config.eval_dataset`` built on first use (None: neither)."""
+        if self._eval_dataset is _UNBUILT:
+            self._eval_dataset = self._build_dataset(self.config.eval_dataset, train=False)
+        return self._eval_dataset
+
+    @eval_dataset.setter
+    def eval_dataset(self, dataset: Dataset | None) -> None:
+        self._eval_dataset = dataset
+
+    def has_eval_data(self) -> bool:
+        """Whether there is an eval set to use without building anything: one was given, or ``config.eval_dataset``
+        names a ``dataset_dir`` that exists. (``blip2 run --run_mode train`` evaluates after training only then.)"""
+        if self._eval_dataset is not _UNBUILT:
+            return self._eval_dataset is not None
+        cfg = self.config.eval_dataset
+        return cfg is not None and Path(cfg.data_loader.dataset_dir or ".").expanduser().is_dir()
+
     def _build_dataset(self, cfg: DatasetConfig | None, train: bool) -> Dataset | None:
         if cfg is None:
             return None
         from blip2 import data
 
         loader = cfg.data_loader
+        root = str(Path(loader.dataset_dir).expanduser()) if loader.dataset_dir else loader.dataset_dir
         if loader.type == "MultiImgCapDataLoader":
             return data.MultiImgCapDataLoader(
-                loader.dataset_dir, loader.annotation_files, loader.image_dirs,
+                root, loader.annotation_files, loader.image_dirs,
                 stage="train" if train else loader.stage if loader.stage == "eval" else "eval",
                 on_error=loader.on_error if train else None, prompt=cfg.text_transforms.prompt,
                 max_words=cfg.text_transforms.max_words,
             )
         if loader.type == "ImageFolderDataset":
-            return data.ImageFolderDataset(loader.dataset_dir)
+            return data.ImageFolderDataset(root)
         if loader.type in ("Cifar100DataLoader", "Cifar100Dataset"):
             split = loader.stage if loader.stage in ("train", "test") else "test"
-            return data.Cifar100Dataset(loader.dataset_dir, split=split, fine_label=loader.fine_label)
-        raise ValueError(f"unknown data_loader.type {loader.type!r}; available: MultiImgCapDataLoader, "
-                         "ImageFolderDataset, Cifar100DataLoader")
+            return data.Cifar100Dataset(root, split=split, fine_label=loader.fine_label)
+        raise ValueError(f"unknown data_loader.type {loader.type!r}; available: {', '.join(DATA_LOADER_TYPES)}")
 
     def image_collator(self, train: bool):
         from blip2.data import ImageCollator
@@ -290,24 +514,74 @@ class Trainer:
 
     # --- training ------------------------------------------------------------------------------------------------
     def train(self, resume: bool | str | None = None) -> dict[str, float]:
-        """Train; ``resume=True`` continues from the latest checkpoint in output_dir, a path from that one."""
+        """Train; ``resume=True`` continues from the latest checkpoint in output_dir, a path from that one.
+
+        A fresh run refuses an output_dir that holds another run unless ``config.overwrite``; a finished run resumes to
+        a no-op; Ctrl-C saves the state of the last completed step, so resuming equals an uninterrupted run.
+        """
         if not self.task.trains:
             raise ValueError(f"task {self.task.name!r} does not train; use evaluate() or predict()")
         if self.train_dataset is None:
             raise ValueError("train() needs a train_dataset (argument or config.train_dataset)")
-        cfg, runner = self.config, self.config.runner_config
-        resume = cfg.resume if resume is None else resume
-        raw_model = distributed.unwrap(self.model)
-        model = distributed.wrap_model(raw_model, self.device)
-        self.model = model
-        gather = distributed.feature_gather()
-        world, rank = distributed.world_size(), distributed.rank()
+        runner = self.config.runner_config
+        if runner.trains_nothing:
+            raise ValueError("runner_config.epochs=0 and max_steps<=0 train nothing: set epochs >= 1, or max_steps "
+                             ">= 1 (max_steps 0 or -1 means the epochs decide)")
+        resume = self.config.resume if resume is None else resume
+        self._prepare_output_dir(fresh=not resume)
+        run = self._start_run()
+        self._resume(run, resume)
+        if self.global_step >= run.total_steps:
+            logger.info("the run in %s already finished at step %d: nothing to do", self.output_dir, self.global_step)
+            return {}
+        progress = tqdm(total=run.total_steps, initial=self.global_step, desc="train", disable=not self.is_main,
+                        dynamic_ncols=True)
+        try:
+            self.model.train()
+            last_metrics = self._run_epochs(run, progress)
+            self._save(run, final=True)
+        except KeyboardInterrupt:
+            logger.warning("interrupted at step %d: saving a checkpoint before stopping", self.global_step)
+            self._save(run)
+            raise
+        finally:
+            progress.close()
+        return last_metrics
 
+    def _prepare_output_dir(self, fresh: bool) -> None:
+        """output_dir must be a writable folder; a fresh run may not mix with another run's checkpoints (pruning and
+        --resume would pick them) unless config.overwrite, which removes that run's checkpoints and log first."""
+        problem: Exception | None = None
+        if self.is_main:  # rank 0 decides; every rank raises together rather than leave the others waiting
+            existing = ckpt.list_checkpoints(self.output_dir)
+            try:
+                check_writable(self.output_dir)
+                check_output_folder(self.output_dir / "model", overwrite=self.config.overwrite)  # written at the end
+                if fresh and (existing or (self.output_dir / "model").is_dir()) and not self.config.overwrite:
+                    held = f"checkpoints up to {existing[-1].name}" if existing else "a trained model/"
+                    raise ValueError(f"output_dir {self.output_dir} already holds a run ({held}): resume it with "
+                                     "--resume, start over with --overwrite, or choose another --output_dir")
+            except (OSError, ValueError) as error:
+                problem = error
+        if not distributed.all_true(problem is None):
+            raise problem or ValueError(f"output_dir {self.output_dir} cannot take this run (see rank 0's error)")
+        if fresh and self.config.overwrite and self.is_main:
+            removed = ckpt.remove_run_checkpoints(self.output_dir)
+            (self.output_dir / "train_log.jsonl").unlink(missing_ok=True)
+            if removed:
+                logger.info("overwrite: removed %d checkpoints of the earlier run in %s", len(removed), self.output_dir)
+        distributed.barrier()
+
+    def _start_run(self) -> "_TrainRun":
+        """Wrap the model, shard the data and build optimizer, schedule and scaler for this run."""
+        cfg, runner = self.config, self.config.runner_config
+        raw_model = distributed.unwrap(self.model)
+        self.model = distributed.wrap_model(raw_model, self.device)
         dataset_cfg = cfg.train_dataset or DatasetConfig()
         batch_size = dataset_cfg.batch_size or runner.batch_size
         seeded = EpochSeeded(self.train_dataset, cfg.seed)
-        sampler = ResumableDistributedSampler(len(seeded), world, rank, shuffle=dataset_cfg.data_loader.shuffle,
-                                              seed=cfg.seed)
+        sampler = ResumableDistributedSampler(len(seeded), distributed.world_size(), distributed.rank(),
+                                              shuffle=dataset_cfg.data_loader.shuffle, seed=cfg.seed)
         batches_per_epoch = len(sampler) // batch_size if dataset_cfg.drop_remainder else math.ceil(
             len(sampler) / batch_size)
         if batches_per_epoch == 0:
@@ -322,110 +596,128 @@ class Trainer:
                                         schedule_cfg.warmup_lr_init, schedule_cfg.warmup_steps,
                                         schedule_cfg.total_steps if schedule_cfg.total_steps > 0 else total_steps)
         use_scaler = self.device.type == "cuda" and self.model_config.compute_dtype == "float16"
-        scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+        return _TrainRun(raw_model=raw_model, dataset_cfg=dataset_cfg, batch_size=batch_size, seeded=seeded,
+                         sampler=sampler, batches_per_epoch=batches_per_epoch, total_steps=total_steps,
+                         optimizer=optimizer, schedule=schedule,
+                         scaler=torch.amp.GradScaler("cuda", enabled=use_scaler),
+                         collate=self.task.train_collator(self, dataset_cfg), rng=ckpt.rng_state())
 
-        start_epoch, skip_batches = 0, 0
-        resume_path = ckpt.latest_checkpoint(self.output_dir) if resume is True else (Path(resume) if resume else None)
-        if resume is True and resume_path is None:
-            logger.info("no checkpoint in %s: starting from scratch", self.output_dir / "checkpoints")
-        if resume_path is not None:
-            state = ckpt.load_checkpoint(resume_path, raw_model)
-            optimizer.load_state_dict(state["optimizer"])
-            schedule.load_state_dict(state["schedule"])
-            scaler.load_state_dict(state["scaler"])
-            self.global_step, start_epoch, skip_batches = state["step"], state["epoch"], state["batches_in_epoch"]
-            self.num_skipped = state.get("num_skipped", 0)
-            if "rng" in state:
-                ckpt.set_rng_state(state["rng"])
-            logger.info("resumed from %s at step %d", resume_path, self.global_step)
-
-        collate = self.task.train_collator(self, dataset_cfg)
-        log_path = self.output_dir / "train_log.jsonl"
+    def _resume(self, run: "_TrainRun", resume: bool | str) -> None:
+        """Load a checkpoint into the model, optimizer, schedule, scaler and position; RNG state last."""
+        if resume is True:
+            path = ckpt.resumable_checkpoint(self.output_dir)
+            if path is None:
+                logger.info("no checkpoint in %s: starting from scratch", self.output_dir / "checkpoints")
+        else:
+            path = Path(resume) if resume else None
+            if path is not None and not ckpt.weights_are_finite(path):
+                raise ValueError(f"checkpoint {path} holds non-finite weights (NaN or inf): resume from an earlier one")
         if self.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
             self.config.to_yaml(self.output_dir / "run_config.yaml")
-        progress = tqdm(total=total_steps, initial=self.global_step, desc="train", disable=not self.is_main,
-                        dynamic_ncols=True)
-        window = {"images": 0, "time": time.perf_counter(), "sums": {}, "count": 0}
+        if path is None:
+            return
+        state = ckpt.load_checkpoint(path, run.raw_model)
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.schedule.load_state_dict(state["schedule"])
+        run.scaler.load_state_dict(state["scaler"])
+        self.global_step, run.epoch, run.batches_done = state["step"], state["epoch"], state["batches_in_epoch"]
+        self.num_skipped = state.get("num_skipped", 0)
+        if "rng" in state:
+            ckpt.set_rng_state(state["rng"])
+        run.mark_step(self.num_skipped)
+        if path.parent == self.output_dir / "checkpoints":
+            run.saved_at = self.global_step
+        if self.is_main:
+            truncate_log(self.output_dir / "train_log.jsonl", self.global_step)
+        logger.info("resumed from %s at step %d", path, self.global_step)
+
+    def _epoch_loader(self, run: "_TrainRun", epoch: int, skip: int) -> DataLoader:
+        run.seeded.epoch = epoch
+        run.sampler.set_epoch(epoch, skip=skip * run.batch_size)
+        return DataLoader(run.seeded, batch_size=run.batch_size, sampler=run.sampler, collate_fn=run.collate,
+                          num_workers=run.dataset_cfg.num_workers, drop_last=run.dataset_cfg.drop_remainder,
+                          generator=torch.Generator().manual_seed(self.config.seed + epoch),
+                          persistent_workers=False, pin_memory=self.device.type == "cuda")
+
+    def _run_epochs(self, run: "_TrainRun", progress) -> dict[str, float]:
+        """Epochs until total_steps; an epoch that yields no usable batch stops the run (it would spin forever)."""
+        runner = self.config.runner_config
         last_metrics: dict[str, float] = {}
-
-        saved_at = [-1]
-
-        def save(final: bool = False) -> None:
-            if saved_at[0] == self.global_step and not final:
-                return
-            state = {"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                     "scaler": scaler.state_dict(), "step": self.global_step, "epoch": epoch,
-                     "batches_in_epoch": batches_done, "num_skipped": self.num_skipped,
-                     "config": self.config.to_dict()}
-            if batches_done >= batches_per_epoch:
-                state["epoch"], state["batches_in_epoch"] = epoch + 1, 0
-            if saved_at[0] != self.global_step:
-                path = ckpt.save_checkpoint(self.output_dir, self.global_step, raw_model, state,
-                                            runner.save_total_limit)
-                saved_at[0] = self.global_step
-                logger.info("saved checkpoint %s", path)
-            if final and self.is_main:
-                self.save_model(raw_model, self.output_dir / "model")
-
-        epoch, batches_done = start_epoch, skip_batches
-        try:
-            model.train()
-            for epoch in range(start_epoch, runner.epochs if runner.max_steps <= 0 else 10**9):
-                seeded.epoch = epoch
-                skip = skip_batches if epoch == start_epoch else 0
-                sampler.set_epoch(epoch, skip=skip * batch_size)
-                loader = DataLoader(seeded, batch_size=batch_size, sampler=sampler, collate_fn=collate,
-                                    num_workers=dataset_cfg.num_workers, drop_last=dataset_cfg.drop_remainder,
-                                    generator=torch.Generator().manual_seed(cfg.seed + epoch),
-                                    persistent_workers=False, pin_memory=self.device.type == "cuda")
-                batches_done = skip
-                for batch in loader:
-                    batches_done += 1
-                    if batch is None:
-                        self.num_skipped += batch_size
-                        continue
-                    self.num_skipped += int(batch.pop("num_skipped_in_batch", 0))
-                    micro = (batches_done - skip) % runner.gradient_accumulation_steps
-                    sync = micro == 0 or batches_done == batches_per_epoch
-                    inputs = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()
-                              if isinstance(v, torch.Tensor)}
-                    no_sync = model.no_sync if (hasattr(model, "no_sync") and not sync) else contextlib.nullcontext
-                    with no_sync():
-                        with self.autocast():
-                            losses = self.task.training_step(model, inputs, gather)
-                        scaler.scale(losses["loss"] / runner.gradient_accumulation_steps).backward()
-                    # one device-to-host read per micro-step serves both the log window and the finiteness check
-                    values = dict(zip(losses, torch.stack([v.detach().float() for v in losses.values()]).tolist()))
-                    self._accumulate(window, values, inputs["pixel_values"].shape[0])
-                    if not sync:
-                        continue
-                    self._check_finite(values)
-                    if runner.max_grad_norm:
-                        scaler.unscale_(optimizer)
-                        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), runner.max_grad_norm)
-                    scaler.step(optimizer)
-                    scaler.update()
-                    optimizer.zero_grad(set_to_none=True)
-                    schedule.step()
-                    self.global_step += 1
-                    progress.update(1)
-                    if self.global_step % runner.log_interval == 0 or self.global_step == total_steps:
-                        last_metrics = self._log(window, schedule.get_last_lr(), epoch, log_path, progress)
-                    if runner.save_steps and self.global_step % runner.save_steps == 0:
-                        save()
-                    if self.global_step >= total_steps:
-                        break
-                if self.global_step >= total_steps:
-                    break
-            save(final=True)
-        except KeyboardInterrupt:
-            logger.warning("interrupted at step %d: saving a checkpoint before stopping", self.global_step)
-            save()
-            raise
-        finally:
-            progress.close()
+        window = {"images": 0, "time": time.perf_counter(), "sums": {}, "count": 0}
+        log_path = self.output_dir / "train_log.jsonl"
+        first_epoch, skip = run.epoch, run.batches_done
+        epochs = runner.epochs if runner.max_steps <= 0 else sys.maxsize
+        for epoch in range(first_epoch, epochs):
+            run.epoch, run.batches_done = epoch, skip
+            usable, pending = 0, 0
+            for batch in self._epoch_loader(run, epoch, skip):
+                run.batches_done += 1
+                if not distributed.all_true(batch is not None):  # every rank takes a step or none does
+                    self.num_skipped += run.batch_size if batch is None else 0
+                    continue
+                usable, pending = usable + 1, pending + 1
+                self.num_skipped += int(batch.pop("num_skipped_in_batch", 0))
+                sync = pending == runner.gradient_accumulation_steps or run.batches_done == run.batches_per_epoch
+                self._micro_step(run, batch, window, sync)
+                if not sync:
+                    continue
+                pending = 0
+                self._optimizer_step(run)
+                progress.update(1)
+                if self.global_step % runner.log_interval == 0 or self.global_step == run.total_steps:
+                    last_metrics = self._log(window, run.schedule.get_last_lr(), epoch, log_path, progress)
+                if runner.save_steps and self.global_step % runner.save_steps == 0:
+                    self._save(run)
+                if self.global_step >= run.total_steps:
+                    return last_metrics
+            if usable == 0 and skip < run.batches_per_epoch:
+                raise ValueError(f"epoch {epoch} yielded no usable training batch: all {len(run.seeded)} items were "
+                                 f"skipped ({self.num_skipped} skipped in all; unreadable images?)")
+            skip = 0
         return last_metrics
+
+    def _micro_step(self, run: "_TrainRun", batch: dict[str, Any], window: dict, sync: bool) -> None:
+        """Forward and backward on one batch (gradients synchronised across ranks only when ``sync``)."""
+        inputs = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        model = self.model
+        no_sync = model.no_sync if (hasattr(model, "no_sync") and not sync) else contextlib.nullcontext
+        with no_sync():
+            with self.autocast():
+                losses = self.task.training_step(model, inputs, run.gather)
+            run.scaler.scale(losses["loss"] / self.config.runner_config.gradient_accumulation_steps).backward()
+        # one device-to-host read per micro-step serves both the log window and the finiteness check
+        values = dict(zip(losses, torch.stack([v.detach().float() for v in losses.values()]).tolist()))
+        self._accumulate(window, values, inputs["pixel_values"].shape[0])
+        self._check_finite(values)
+
+    def _optimizer_step(self, run: "_TrainRun") -> None:
+        """Clip, step, schedule; a Ctrl-C during it lands after it, so the weights are never half-updated."""
+        with defer_interrupts():
+            if self.config.runner_config.max_grad_norm:
+                run.scaler.unscale_(run.optimizer)
+                torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), self.config.runner_config.max_grad_norm)
+            run.scaler.step(run.optimizer)
+            run.scaler.update()
+            run.optimizer.zero_grad(set_to_none=True)
+            run.schedule.step()
+            self.global_step += 1
+            run.mark_step(self.num_skipped)
+
+    def _save(self, run: "_TrainRun", final: bool = False) -> None:
+        """Checkpoint the state after the last completed step (once per step); ``final`` also writes model/.
+        Non-finite weights are never saved: the run stops, naming the last good checkpoint."""
+        if run.saved_at != self.global_step:
+            trainable = [p for p in run.raw_model.parameters() if p.requires_grad]
+            if not ckpt.all_finite(trainable):
+                last = ckpt.latest_checkpoint(self.output_dir)
+                raise NonFiniteLossError(f"the weights are non-finite (NaN or inf) after step {self.global_step}: not "
+                                         f"saving them; last good checkpoint: {last or 'none'}")
+            path = ckpt.save_checkpoint(self.output_dir, self.global_step, run.raw_model, run.trainer_state(self),
+                                        self.config.runner_config.save_total_limit, rng=run.rng)
+            run.saved_at = self.global_step
+            logger.info("saved checkpoint %s", path)
+        if final and self.is_main:
+            self.save_model(run.raw_model, self.output_dir / "model")
 
     def save_model(self, model, directory: Path) -> None:
         """The model plus what reads its inputs (image settings, vocabulary), so ``pipeline(model=directory)``
@@ -444,10 +736,13 @@ class Trainer:
         window["images"] += images
 
     def _check_finite(self, values: dict[str, float]) -> None:
-        if not all(math.isfinite(v) for v in values.values()):
+        """Stops every rank together (one stopping alone would leave the others waiting in the next collective)."""
+        finite = all(math.isfinite(v) for v in values.values())
+        if not distributed.all_true(finite):
             parts = ", ".join(f"{name}={value}" for name, value in values.items())
-            raise NonFiniteLossError(f"non-finite loss at step {self.global_step + 1}: {parts}; stopped before the "
-                                     "optimizer step")
+            where = "" if not finite else " on another process"
+            raise NonFiniteLossError(f"non-finite loss{where} at step {self.global_step + 1}: {parts}; stopped before "
+                                     "the optimizer step")
 
     def _log(self, window: dict, lr: float, epoch: int, log_path: Path, progress) -> dict[str, float]:
         elapsed = time.perf_counter() - window["time"]
@@ -469,17 +764,34 @@ class Trainer:
     # --- evaluation and prediction -------------------------------------------------------------------------------
     def evaluate(self, **kwargs) -> dict[str, float]:
         """Run the task's evaluation; rank 0 writes ``<output_dir>/eval_results.json``."""
+        if self.is_main:  # before the work: a folder we cannot write should not cost an evaluation
+            check_writable(self.output_dir)
         metrics = self.task.evaluate(self, **kwargs)
         if self.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            path = self.output_dir / "eval_results.json"
-            with open(path, "w", encoding="utf-8") as handle:
-                json.dump({"task": self.task.name, **metrics}, handle, indent=2)
             logger.info("%s: %s", self.task.name, " ".join(f"{k}={v:.2f}" for k, v in metrics.items()))
+            with open(self.output_dir / "eval_results.json", "w", encoding="utf-8") as handle:
+                json.dump({"task": self.task.name, **metrics}, handle, indent=2)
         return metrics
 
-    def predict(self, input_data=None, **kwargs) -> list:
-        """Run the task's prediction on images (paths, PIL images or arrays)."""
-        if input_data is None:
-            raise ValueError("predict() needs input_data (image paths, PIL images or arrays)")
-        return self.task.predict(self, input_data, **kwargs)
+    def predict(self, input_data=None, batch_size: int | None = None, **kwargs) -> list:
+        """Run the task's prediction on images (paths, PIL images or arrays): one result per image.
+
+        Without ``input_data`` it predicts over the eval set's images (the seed's "predict over a data set"), in
+        batches of ``batch_size`` (default: the eval batch size); other keywords go to the task (``candidate_labels``,
+        ``hypothesis_template``, ``prompt``, generation settings, ...)."""
+        if input_data is not None:
+            return self.task.predict(self, input_data, **kwargs)
+        if self._eval_dataset is _UNBUILT and self.config.eval_dataset is None:
+            raise ValueError("predict() needs input_data (image paths, PIL images or arrays), or an eval data set "
+                             "whose images to predict (eval_dataset=, config.eval_dataset or --eval_dataset_dir)")
+        dataset = self.eval_dataset
+        images = dataset_images(dataset)
+        size = batch_size or self.eval_batch_size
+        results: list = []
+        for start in range(0, len(images), size):
+            chunk = images[start:start + size]
+            for offset, result in enumerate(self.task.predict(self, [image() for image in chunk], **kwargs)):
+                if isinstance(result, dict) and "image" in result:  # name the image by its place in the data set
+                    result["image"] = chunk[offset].name
+                results.append(result)
+        return results

@@ -48,6 +48,9 @@ class Blip2PreTrainedModel(nn.Module):
     def __init__(self, config: Blip2Config) -> None:
         super().__init__()
         self.config = config
+        # where from_pretrained read the model (a preset name or a path; None when built from a config): pipelines
+        # and the Trainer find the processor saved with it there (image settings, vocabulary, LLM tokenizer)
+        self.name_or_path: str | None = None
 
     def build_image_path(self, with_text: bool) -> None:
         """ViT, ln_vision, the learned queries and the Q-Former (``with_text=False``: its query path only).
@@ -61,13 +64,16 @@ class Blip2PreTrainedModel(nn.Module):
         self.qformer = Qformer(qformer, image_hidden_size=vision.hidden_size, with_text=with_text)
 
     # --- image path ----------------------------------------------------------------------------------------------
-    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values (B, 3, H, W) -> ln_vision(ViT(pixels)) (B, N, D_img); no gradient into a frozen ViT."""
+    def encode_image(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        """pixel_values (B, 3, H, W) -> ln_vision(ViT(pixels)) (B, N, D_img); no gradient into a frozen ViT.
+
+        H and W must be the model's ``vision_config.image_size`` unless ``interpolate_pos_encoding`` (the ViT's
+        position table is then resized bicubically to the image's patch grid)."""
         if self.config.freeze_vision:
             with torch.no_grad():
-                vit_out = self.vision_model(pixel_values)
+                vit_out = self.vision_model(pixel_values, interpolate_pos_encoding)
         else:
-            vit_out = self.vision_model(pixel_values)
+            vit_out = self.vision_model(pixel_values, interpolate_pos_encoding)
         return self.ln_vision(vit_out)
 
     def query_forward(self, image_embeds: torch.Tensor, use_cache: bool = False) -> QformerOutput:
@@ -90,13 +96,17 @@ class Blip2PreTrainedModel(nn.Module):
         """Build from a preset name, one of our folders, a Hugging Face BLIP-2 folder or a LAVIS ``.pth``."""
         from blip2.weights import load_pretrained
 
-        return load_pretrained(cls, name_or_path, config=config, **kwargs)
+        model = load_pretrained(cls, name_or_path, config=config, **kwargs)
+        if model.name_or_path is None:  # a preset without weight files: its name still finds its processor
+            model.name_or_path = str(name_or_path)
+        return model
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write ``config.yaml`` and ``model.safetensors`` to ``directory``."""
+    def save_pretrained(self, directory: str | os.PathLike, overwrite: bool = False) -> None:
+        """Write ``config.yaml`` and ``model.safetensors`` to ``directory``; a folder holding files blip2 did not
+        write is refused unless ``overwrite`` (which replaces only our files there and deletes nothing)."""
         from blip2.weights import save_pretrained
 
-        save_pretrained(self, directory)
+        save_pretrained(self, directory, overwrite=overwrite)
 
     # --- freezing ------------------------------------------------------------------------------------------------
     def frozen_modules(self) -> list[nn.Module]:

@@ -127,12 +127,16 @@ class Blip2Qformer(Blip2PreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         return_tuple: bool = False,
         gather: FeatureGather | None = None,
+        interpolate_pos_encoding: bool = False,
     ) -> Blip2Output | tuple[torch.Tensor, ...]:
-        """Stage-1 losses for a batch of image-caption pairs: (loss, loss_itc, loss_itm, loss_lm)."""
+        """Stage-1 losses for a batch of image-caption pairs: (loss, loss_itc, loss_itm, loss_lm).
+
+        Images of another size than ``vision_config.image_size`` need ``interpolate_pos_encoding=True`` (as in every
+        method that takes ``pixel_values``)."""
         gather = gather or LOCAL
         if attention_mask is None:
             attention_mask = (input_ids != self.config.qformer_config.pad_token_id).long()
-        image_embeds = self.encode_image(pixel_values)  # (B, N, D_img)
+        image_embeds = self.encode_image(pixel_values, interpolate_pos_encoding)  # (B, N, D_img)
         query_out = self.query_forward(image_embeds, use_cache=True)
         image_feats = self.image_feats(query_out.last_hidden_state)  # (B, Q, E)
         text_feat = self.text_feat(self.text_forward(input_ids, attention_mask))  # (B, E)
@@ -159,9 +163,10 @@ class Blip2Qformer(Blip2PreTrainedModel):
             attention_mask = torch.ones_like(input_ids)
         return self._itm_logits(image_embeds, input_ids, attention_mask)
 
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def get_image_features(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
         """Normalized query features (B, Q, E)."""
-        return self.image_feats(self.query_forward(self.encode_image(pixel_values)).last_hidden_state)
+        image_embeds = self.encode_image(pixel_values, interpolate_pos_encoding)
+        return self.image_feats(self.query_forward(image_embeds).last_hidden_state)
 
     def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Normalized [CLS] features (B, E)."""
@@ -173,20 +178,24 @@ class Blip2Qformer(Blip2PreTrainedModel):
         return torch.einsum("iqe,te->itq", image_feats.float(), text_feats.float()).amax(-1)
 
     def itc_similarity(
-        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
     ) -> torch.Tensor:
         """(N_img, N_txt) max-over-queries cosine similarity, without temperature."""
-        return self.similarity(self.get_image_features(pixel_values), self.get_text_features(input_ids, attention_mask))
+        return self.similarity(self.get_image_features(pixel_values, interpolate_pos_encoding),
+                               self.get_text_features(input_ids, attention_mask))
 
     def itm_logits(
-        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
     ) -> torch.Tensor:
         """ITM logits (B, 2) for the pairs (image i, text i); index 1 = match."""
         if pixel_values.shape[0] != input_ids.shape[0]:
             raise ValueError(
                 f"itm_logits scores pairs: got {pixel_values.shape[0]} images and {input_ids.shape[0]} texts"
             )
-        return self.itm_logits_from_embeds(self.encode_image(pixel_values), input_ids, attention_mask)
+        return self.itm_logits_from_embeds(self.encode_image(pixel_values, interpolate_pos_encoding), input_ids,
+                                           attention_mask)
 
     def extract_features(
         self,
@@ -194,6 +203,7 @@ class Blip2Qformer(Blip2PreTrainedModel):
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         mode: str = "multimodal",
+        interpolate_pos_encoding: bool = False,
     ) -> Blip2FeatureOutput:
         """LAVIS ``extract_features``: mode "image", "text" or "multimodal" (query outputs of the joint pass)."""
         if mode not in ("image", "text", "multimodal"):
@@ -203,7 +213,8 @@ class Blip2Qformer(Blip2PreTrainedModel):
         if mode in ("text", "multimodal") and input_ids is None:
             raise ValueError(f"mode={mode!r} needs input_ids")
         if mode == "image":
-            query_hidden = self.query_forward(self.encode_image(pixel_values)).last_hidden_state
+            image_embeds = self.encode_image(pixel_values, interpolate_pos_encoding)
+            query_hidden = self.query_forward(image_embeds).last_hidden_state
             return Blip2FeatureOutput(image_embeds=query_hidden, image_embeds_proj=self.image_feats(query_hidden))
         if mode == "text":
             text_hidden = self.text_forward(input_ids, attention_mask)
@@ -215,7 +226,7 @@ class Blip2Qformer(Blip2PreTrainedModel):
         query_tokens = self.query_tokens.expand(input_ids.shape[0], -1, -1)
         hidden = self.qformer(
             query_embeds=query_tokens, input_ids=input_ids, attention_mask=attention_mask,
-            image_embeds=self.encode_image(pixel_values),
+            image_embeds=self.encode_image(pixel_values, interpolate_pos_encoding),
         ).last_hidden_state
         return Blip2FeatureOutput(multimodal_embeds=hidden[:, : query_tokens.shape[1]])
 
@@ -232,6 +243,7 @@ class Blip2Qformer(Blip2PreTrainedModel):
         repetition_penalty: float = 1.0,
         length_penalty: float = 1.0,
         num_captions: int = 1,
+        interpolate_pos_encoding: bool = False,
     ) -> torch.Tensor:
         """Captions from the Q-Former's LM head: token ids (B * num_captions, T) starting with [DEC].
 
@@ -240,7 +252,7 @@ class Blip2Qformer(Blip2PreTrainedModel):
         """
         qcfg = self.config.qformer_config
         repeats = num_captions if do_sample else num_beams
-        image_embeds = self.encode_image(pixel_values).repeat_interleave(repeats, dim=0)
+        image_embeds = self.encode_image(pixel_values, interpolate_pos_encoding).repeat_interleave(repeats, dim=0)
         query_cache = self.query_forward(image_embeds, use_cache=True).past_key_values
         bos = torch.full((image_embeds.shape[0], 1), qcfg.bos_token_id, dtype=torch.long, device=image_embeds.device)
         word_embeddings = self.qformer.embeddings.word_embeddings.weight

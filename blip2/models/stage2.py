@@ -73,9 +73,10 @@ class Blip2ImageToTextGeneration(Blip2PreTrainedModel):
         return str(folder) if folder else None
 
     # --- image path: encode_image and query_forward come from Blip2PreTrainedModel --------------------------------
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def get_image_features(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
         """The queries in the LLM's input space: pixel_values (B, 3, H, W) -> (B, Q, D_llm)."""
-        query_hidden = self.query_forward(self.encode_image(pixel_values)).last_hidden_state  # (B, Q, D)
+        image_embeds = self.encode_image(pixel_values, interpolate_pos_encoding)
+        query_hidden = self.query_forward(image_embeds).last_hidden_state  # (B, Q, D)
         return self.llm_proj(query_hidden)
 
     def llm_inputs(
@@ -100,6 +101,7 @@ class Blip2ImageToTextGeneration(Blip2PreTrainedModel):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
     ) -> Blip2Stage2Output:
         """LM loss and logits for image-caption pairs; ``input_ids`` (B, L) are right-padded LLM tokens.
 
@@ -107,7 +109,8 @@ class Blip2ImageToTextGeneration(Blip2PreTrainedModel):
         """
         if attention_mask is None:
             attention_mask = self._default_attention_mask(input_ids)
-        inputs_embeds, llm_mask = self.llm_inputs(self.get_image_features(pixel_values), input_ids, attention_mask)
+        image_features = self.get_image_features(pixel_values, interpolate_pos_encoding)
+        inputs_embeds, llm_mask = self.llm_inputs(image_features, input_ids, attention_mask)
         logits = self.language_model(inputs_embeds=inputs_embeds, attention_mask=llm_mask, use_cache=False).logits
         if labels is None:
             labels = self.text_labels(input_ids, attention_mask)
@@ -120,6 +123,7 @@ class Blip2ImageToTextGeneration(Blip2PreTrainedModel):
         pixel_values: torch.Tensor,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
         **generation_kwargs,
     ) -> torch.Tensor:
         """New token ids (B * num_return_sequences, T) after ``[queries][prompt]``; the prompt is left out.
@@ -139,7 +143,7 @@ class Blip2ImageToTextGeneration(Blip2PreTrainedModel):
         if input_ids is None:
             input_ids = self._bos_ids(pixel_values.shape[0], pixel_values.device)
         self._check_sequence_budget(input_ids.shape[1], generation_kwargs)
-        image_features = self.get_image_features(pixel_values)  # (B, Q, D_llm)
+        image_features = self.get_image_features(pixel_values, interpolate_pos_encoding)  # (B, Q, D_llm)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         inputs_embeds, llm_mask = self.llm_inputs(image_features, input_ids, attention_mask)
@@ -198,23 +202,25 @@ class Blip2ImageToTextGeneration(Blip2PreTrainedModel):
             )
 
     # --- saving --------------------------------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | os.PathLike, include_llm: bool | None = None) -> None:
+    def save_pretrained(self, directory: str | os.PathLike, include_llm: bool | None = None,
+                        overwrite: bool = False) -> None:
         """Write ``config.yaml`` + ``model.safetensors``; the LLM's tensors only when they cannot be found elsewhere.
 
         By default (``include_llm=None``) a frozen LLM read from a folder is not copied: the config refers to that
         folder (``text_config.checkpoint_name_or_path``). ``include_llm=True`` writes the LLM too and makes the folder
-        self-contained (the config then carries the LLM's own transformers config instead of the folder).
+        self-contained (the config then carries the LLM's own transformers config instead of the folder). A folder
+        holding files blip2 did not write is refused unless ``overwrite`` (which replaces only our files there).
         """
         from blip2.weights import save_pretrained
 
         if include_llm is None:
             include_llm = self.llm_folder is None or not self.config.freeze_text
         if not include_llm:
-            save_pretrained(self, directory, skip_prefixes=("language_model.",))
+            save_pretrained(self, directory, skip_prefixes=("language_model.",), overwrite=overwrite)
             return
         text_config = {key: value for key, value in self.config.text_config.items() if key != "checkpoint_name_or_path"}
         text_config.update(self.language_model.config.to_dict())
-        save_pretrained(self, directory, config=self.config.replace(text_config=text_config))
+        save_pretrained(self, directory, config=self.config.replace(text_config=text_config), overwrite=overwrite)
 
     # --- helpers -------------------------------------------------------------------------------------------------
     def _special_id(self, name: str) -> int | None:

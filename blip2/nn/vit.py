@@ -120,9 +120,15 @@ class VisionTransformer(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        """``interpolate_pos_encoding=True`` reads images of another size: the patch positions are resized
+        bicubically to the image's grid (as transformers' BLIP-2 does); without it the size must be the model's."""
         height, width = pixel_values.shape[-2:]
-        patch = self.config.patch_size
+        patch, size = self.config.patch_size, self.config.image_size
+        if not interpolate_pos_encoding and (height, width) != (size, size):
+            raise ValueError(f"Input image size ({height}*{width}) doesn't match model ({size}*{size}): resize the "
+                             f"images to {size} (the model's image processor does) or pass "
+                             "interpolate_pos_encoding=True")
         if height % patch or width % patch:
             raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {patch}")
         weight = self.patch_embed.weight

@@ -59,6 +59,9 @@ def load_image(source: ImageInput) -> Image.Image:
             return image.convert("RGB")
     except UnidentifiedImageError as err:
         raise ImageLoadError(f"cannot load image {path}: not an image file (unrecognised format)") from err
+    except Image.DecompressionBombError as err:  # not an OSError: PIL refuses images over 2x MAX_IMAGE_PIXELS
+        raise ImageLoadError(f"cannot load image {path}: too large (decompression bomb limit): "
+                             f"{' '.join(str(err).split())}") from err
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageLoadError(f"cannot load image {path}: corrupt or truncated ({err})") from err
 
@@ -231,10 +234,14 @@ class Blip2ImageProcessor:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, seed: int | None = None) -> "Blip2ImageProcessor":
-        """A preset name, a ``preprocessor_config.json`` (or its folder), or a folder with our ``config.yaml``."""
+        """A preset name (the ``preprocessor_config.json`` in its folder under ``$BLIP2_HOME`` if there is one, else
+        the preset's settings), a ``preprocessor_config.json`` (or its folder), or a folder with our ``config.yaml``."""
         name = str(name_or_path)
         if name in registry.PRESETS:
             preset = registry.get_preset(name)
+            saved = preset.directory() / PREPROCESSOR_CONFIG
+            if saved.is_file():
+                return cls.from_pretrained(saved, seed=seed)
             return cls(preset.config().vision_config.image_size, preset.image_mean, preset.image_std, seed=seed)
         path = Path(name)
         if path.is_dir() and (path / PREPROCESSOR_CONFIG).is_file():

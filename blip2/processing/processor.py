@@ -3,7 +3,9 @@ image processor and the LLM tokenizer (stage 2)."""
 
 from __future__ import annotations
 
+import json
 import os
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
@@ -12,9 +14,10 @@ from transformers import PreTrainedTokenizerBase
 
 from blip2 import registry
 from blip2.config import Blip2Config
-from blip2.processing.image import Blip2ImageProcessor, ImageInput
+from blip2.processing.image import PREPROCESSOR_CONFIG, Blip2ImageProcessor, ImageInput
 from blip2.processing.text import clean_caption
 from blip2.processing.tokenizer import load_tokenizer
+from blip2.weights import io
 
 VOCAB_FILE = "vocab.txt"
 
@@ -76,8 +79,10 @@ class Blip2Processor:
         """A preset name, or a folder (config.yaml and/or preprocessor_config.json, optional vocab.txt)."""
         name = str(name_or_path)
         image_processor = Blip2ImageProcessor.from_pretrained(name, seed=seed)
-        if name in registry.PRESETS:
-            return cls(image_processor, load_tokenizer(), registry.get_preset(name).config().max_txt_len)
+        if name in registry.PRESETS:  # files saved in the preset's folder under $BLIP2_HOME come first
+            preset = registry.get_preset(name)
+            vocab = preset.directory() / VOCAB_FILE
+            return cls(image_processor, load_tokenizer(vocab if vocab.is_file() else None), preset.config().max_txt_len)
         path = Path(name)
         vocab = path / VOCAB_FILE
         tokenizer = load_tokenizer(vocab if vocab.is_file() else None)
@@ -85,15 +90,18 @@ class Blip2Processor:
         max_length = Blip2Config.from_yaml(config_file).max_txt_len if config_file.is_file() else 32
         return cls(image_processor, tokenizer, max_length)
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write ``preprocessor_config.json`` and the tokenizer's base vocabulary as ``vocab.txt``."""
-        self.image_processor.save_pretrained(directory)
+    def save_pretrained(self, directory: str | os.PathLike, overwrite: bool = False) -> None:
+        """Write ``preprocessor_config.json`` and the tokenizer's base vocabulary as ``vocab.txt``, each atomically;
+        a folder holding files blip2 did not write is refused unless ``overwrite`` (which keeps those files)."""
         vocab = self.tokenizer.backend_tokenizer.get_vocab(with_added_tokens=False)
         tokens = sorted(vocab, key=vocab.__getitem__)
         if [vocab[t] for t in tokens] != list(range(len(tokens))):
             raise ValueError("the tokenizer's vocabulary ids are not contiguous from 0; cannot write vocab.txt")
-        with open(Path(directory) / VOCAB_FILE, "w", encoding="utf-8") as handle:
-            handle.write("".join(f"{token}\n" for token in tokens))
+        directory = io.prepare_output_folder(directory, overwrite)
+        io.write_files(directory, {
+            PREPROCESSOR_CONFIG: partial(_write_json, self.image_processor.to_dict()),
+            VOCAB_FILE: partial(_write_text, "".join(f"{token}\n" for token in tokens)),
+        })
 
 
 class Blip2GenerationProcessor:
@@ -162,11 +170,23 @@ class Blip2GenerationProcessor:
 
         return cls(Blip2ImageProcessor.from_pretrained(folder), load_llm_tokenizer(folder))
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
+    def save_pretrained(self, directory: str | os.PathLike, overwrite: bool = False) -> None:
         """Write ``preprocessor_config.json`` and the tokenizer's own files (e.g. beside a model's config.yaml, so
-        ``pipeline("image_to_text_generation", model=directory)`` finds both)."""
-        self.image_processor.save_pretrained(directory)
-        self.tokenizer.save_pretrained(str(directory))
+        ``pipeline("image_to_text_generation", model=directory)`` finds both), each atomically; a folder holding
+        files blip2 did not write is refused unless ``overwrite`` (which keeps those files)."""
+        directory = io.prepare_output_folder(directory, overwrite)
+        io.write_files(directory, {PREPROCESSOR_CONFIG: partial(_write_json, self.image_processor.to_dict())})
+        io.write_folder_files(directory, lambda staging: self.tokenizer.save_pretrained(str(staging)))
+
+
+def _write_json(data: dict, path: Path) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=2)
+
+
+def _write_text(text: str, path: Path) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(text)
 
 
 def _leading_special_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:

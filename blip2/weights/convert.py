@@ -4,6 +4,9 @@
     blip2 convert --from hf --input blip2-itm-vit-g/ --output D
     blip2 convert --from hf --input blip2-opt-2.7b/ --output D          (stage 2: the OPT is written too)
 
+D is refused when it is a file, or a folder holding files blip2 did not write (``--overwrite``: replace only blip2's
+own files there, keep the rest).
+
 A config with a ``text_config`` (an LLM) makes a stage-2 model, otherwise stage 1; ``--stage`` overrides.
 """
 
@@ -17,6 +20,7 @@ from pathlib import Path
 from blip2.config import Blip2Config
 from blip2.models import Blip2ImageToTextGeneration, Blip2Qformer
 from blip2.weights import hf, lavis
+from blip2.weights.io import check_output_folder
 from blip2.weights.loader import load_with_adapter
 
 FORMATS = {"lavis": lavis, "hf": hf}
@@ -32,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vit", type=Path, help="eva_vit_g.pth, for LAVIS checkpoints saved without the ViT")
     parser.add_argument("--stage", type=int, choices=(1, 2),
                         help="the model to write (default: 2 when the config has a text_config, else 1)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into an --output folder that holds other files too (only blip2's own files "
+                        "there are replaced; nothing is deleted)")
 
 
 def _config(spec: str) -> Blip2Config:
@@ -54,12 +61,13 @@ def run(args: argparse.Namespace) -> int:
             )
         if args.vit is not None and args.source_format != "lavis":
             raise ValueError("--vit is for --from lavis only")
+        check_output_folder(args.output, args.overwrite)  # before the slow part: refuse a folder of other files
         config = _config(args.config) if args.config else adapter.read_config(args.input)
         stage = args.stage or (1 if config.text_config is None else 2)
         kwargs = {"vit_checkpoint": args.vit} if args.source_format == "lavis" else {}
         model_class = Blip2Qformer if stage == 1 else Blip2ImageToTextGeneration
         model = load_with_adapter(model_class, adapter, args.input, config=config, **kwargs)
-        model.save_pretrained(args.output)
+        model.save_pretrained(args.output, overwrite=args.overwrite)
     except (OSError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"blip2 convert: error: {' '.join(str(message).split())}", file=sys.stderr)

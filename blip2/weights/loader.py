@@ -11,14 +11,17 @@ from __future__ import annotations
 import fnmatch
 import logging
 import os
-import shutil
-import tempfile
+import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from blip2.weights import io
 
 logger = logging.getLogger(__name__)
 
@@ -55,22 +58,65 @@ def _matches(key: str, patterns: Iterable[str]) -> bool:
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a ``.safetensors`` file or a torch pickle (``.pth``/``.bin``/``.pt``); unwrap ``{"model": ...}``."""
+    """Read a ``.safetensors`` file or a torch pickle (``.pth``/``.bin``/``.pt``); unwrap ``{"model": ...}``.
+
+    Torch files are read with ``weights_only=True``: one that holds objects beyond tensors and plain containers is
+    refused (unpickling them could run code). A file that cannot be read raises ``WeightLoadError`` naming it.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     if path.suffix == ".safetensors":
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except SafetensorError as error:
+            raise WeightLoadError(f"{path}: truncated or not a safetensors file ({_one_line(error)})") from None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # not a zip-format file: mmap is unavailable
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # not a zip-format file: mmap is unavailable
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, MemoryError):
+        raise
+    except pickle.UnpicklingError as error:
+        refused = _REFUSED_GLOBAL.search(str(error))
+        if refused:
+            raise WeightLoadError(
+                f"{path} holds objects beyond tensors ({refused.group(1)}): refusing to unpickle them, as that could "
+                "run code; re-save the checkpoint as a plain state dict of tensors (or safetensors)"
+            ) from None
+        raise WeightLoadError(f"{path}: not a readable torch checkpoint ({_torch_reason(error)})") from None
+    except Exception as error:  # torch raises RuntimeError, EOFError, KeyError, ... for a truncated or foreign file
+        reason = _torch_reason(error)
+        kind = type(error).__name__
+        raise WeightLoadError(
+            f"{path}: truncated or not a torch checkpoint ({kind if reason == kind else f'{kind}: {reason}'})"
+        ) from None
     for wrapper in ("model", "state_dict", "module"):
         if isinstance(state, dict) and wrapper in state and isinstance(state[wrapper], dict):
             state = state[wrapper]
     if not isinstance(state, dict):
         raise WeightLoadError(f"{path}: expected a state dict, found {type(state).__name__}")
     return state
+
+
+_REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _torch_reason(error: BaseException) -> str:
+    """The useful part of torch.load's message: its first sentence for a broken zip, the last line of a
+    weights-only refusal (its header is advice for trusted files)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    if lines[0].startswith("Weights only load failed"):
+        reasons = [line for line in lines if not line.startswith(("Weights only", "Check the documentation", "("))]
+        return _one_line(reasons[-1] if reasons else lines[0])
+    return _one_line(lines[0].split(". ")[0])
 
 
 def _storage_key(tensor: torch.Tensor) -> tuple:
@@ -179,31 +225,23 @@ def _check_no_meta(model: torch.nn.Module, source: str) -> None:
 
 
 def save_pretrained(
-    model: torch.nn.Module, directory: str | os.PathLike, config=None, skip_prefixes: tuple[str, ...] = ()
+    model: torch.nn.Module, directory: str | os.PathLike, config=None, skip_prefixes: tuple[str, ...] = (),
+    overwrite: bool = False,
 ) -> None:
-    """Write ``config.yaml`` + ``model.safetensors`` atomically: a crash never leaves a half-written folder.
+    """Write ``config.yaml`` + ``model.safetensors`` into ``directory``, each atomically (``blip2.weights.io``).
 
+    Only our own files are ever replaced and nothing is deleted: a folder holding files blip2 did not write is refused
+    unless ``overwrite`` (which still keeps those files), and an output that is a regular file is always refused.
     ``config`` replaces ``model.config`` in the YAML; keys starting with ``skip_prefixes`` are not written. Of tied
     tensors only the first name is written (safetensors stores no shared memory; loading fills the others).
     """
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        (config or model.config).to_yaml(staging / CONFIG_NAME)
-        state = _untied({key: value for key, value in model.state_dict().items() if not key.startswith(skip_prefixes)})
-        state = {key: value.detach().cpu().contiguous() for key, value in state.items()}
-        save_file(state, str(staging / WEIGHTS_NAME), metadata={"format": "pt", "library": "blip2"})
-        if directory.exists():
-            backup = directory.with_name(f".{directory.name}.old")
-            shutil.rmtree(backup, ignore_errors=True)
-            directory.rename(backup)
-            staging.rename(directory)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            staging.rename(directory)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    directory = io.prepare_output_folder(directory, overwrite)
+    state = _untied({key: value for key, value in model.state_dict().items() if not key.startswith(skip_prefixes)})
+    state = {key: value.detach().cpu().contiguous() for key, value in state.items()}
+    io.write_files(directory, {
+        WEIGHTS_NAME: lambda path: save_file(state, str(path), metadata={"format": "pt", "library": "blip2"}),
+        CONFIG_NAME: (config or model.config).to_yaml,
+    })
 
 
 def _untied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -263,6 +301,7 @@ def load_with_adapter(cls, adapter, path: Path, config=None, **kwargs):
         allowed_unexpected=adapter.allowed_unexpected(model), dropped=dropped, preloaded=preloaded,
     )
     model.load_report = report
+    model.name_or_path = str(path)  # where it came from: pipelines and the Trainer read its processor files there
     if hasattr(model, "apply_freezing"):
         model.apply_freezing()
     return model
