@@ -14,13 +14,17 @@ import sys
 from pathlib import Path
 
 from blip2.config import ConfigError, set_by_path, validate_tree
+from blip2.engine.output_dir import check_writable
 from blip2.engine.trainer import NonFiniteLossError
 from blip2.weights import WeightLoadError
+from blip2.weights.io import OutputWriteError
 
 logger = logging.getLogger("blip2")
 
-# problems with the user's input: one line and exit status 2 (BLIP2_DEBUG=1 shows the traceback)
-USER_ERRORS = (ConfigError, FileNotFoundError, ValueError, KeyError, WeightLoadError, NonFiniteLossError)
+# problems with the user's input or the user's folders: one line and exit status 2 (BLIP2_DEBUG=1 shows the
+# traceback); other OSErrors (a disk that fails mid-run) are reported by the code that can name the file
+USER_ERRORS = (ConfigError, FileNotFoundError, ValueError, KeyError, WeightLoadError, NonFiniteLossError,
+               PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError, OutputWriteError)
 
 
 def _run_parser(sub) -> None:
@@ -37,6 +41,9 @@ def _run_parser(sub) -> None:
     run.add_argument("--output_dir")
     run.add_argument("--device", choices=("cpu", "cuda", "auto"))
     run.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    run.add_argument("--overwrite", action="store_true",
+                     help="train: start over in an output_dir that holds an earlier run (its checkpoints, log and "
+                     "model/ are replaced); without it such a folder is refused")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.SUB=VALUE",
                      help="override any config key (repeatable), e.g. runner_config.batch_size=16")
 
@@ -92,6 +99,8 @@ def load_run_config(args: argparse.Namespace):
             setattr(config, flag, getattr(args, flag))
     if args.resume:
         config.resume = True
+    if args.overwrite:
+        config.overwrite = True
     for override in args.overrides:
         key, sep, value = override.partition("=")
         if not sep:
@@ -113,6 +122,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise ValueError("--run_mode predict needs --predict_data IMAGE [IMAGE ...], or an eval data set whose "
                              "images to predict (--eval_dataset_dir, or eval_dataset in the config)")
     trainer = Trainer(config=config)
+    if config.run_mode == "predict" and trainer.is_main:
+        check_writable(trainer.output_dir)  # predictions.json goes there: a folder we cannot write fails first
     if config.run_mode == "train":
         # evaluate after training only with an eval set at hand: --eval_dataset_dir, or the config's dataset_dir when
         # it exists (a config's example path such as ./data/coco is skipped, saying so); built now, so a wrong

@@ -220,6 +220,8 @@ def MultiImgCapDataLoader(  # noqa: N802 -- the seed's public name
         for record in read_annotations(ann_path):
             image_paths.append(str(img_root / record["image"]))
             captions.append([transform(c) for c in _captions(record)])
+    if not image_paths:  # an empty data set fails later and obscurely (an empty torch.cat, a zero-step epoch)
+        raise ValueError(f"no annotation records in {', '.join(str(p) for p in ann_paths)}: the data set is empty")
 
     if stage == "eval":
         return RetrievalEvalDataset(image_paths, captions, repeat_images, on_error or "raise")

@@ -35,7 +35,7 @@ from blip2.engine.run_config import (DATA_LOADER_TYPES, STAGE1_ARCHS, STAGE1_TOK
                                      DatasetConfig, RunConfig)
 from blip2.engine.sampler import ResumableDistributedSampler
 from blip2.engine.tasks import Task, get_task
-from blip2.weights.io import check_output_folder
+from blip2.weights.io import OutputWriteError, check_output_folder
 
 logger = logging.getLogger("blip2")
 
@@ -716,8 +716,15 @@ class Trainer:
                                         self.config.runner_config.save_total_limit, rng=run.rng)
             run.saved_at = self.global_step
             logger.info("saved checkpoint %s", path)
-        if final and self.is_main:
-            self.save_model(run.raw_model, self.output_dir / "model")
+        if final:  # rank 0 writes; a failure there stops every rank (none is left waiting in a collective)
+            error: Exception | None = None
+            if self.is_main:
+                try:
+                    self.save_model(run.raw_model, self.output_dir / "model")
+                except Exception as err:  # noqa: BLE001 -- re-raised below, on every rank
+                    error = err
+            if not distributed.all_true(error is None):
+                raise error or OutputWriteError(f"rank 0 could not write {self.output_dir / 'model'}")
 
     def save_model(self, model, directory: Path) -> None:
         """The model plus what reads its inputs (image settings, vocabulary), so ``pipeline(model=directory)``

@@ -9,12 +9,15 @@ still deletes nothing), and an output that is a regular file is always refused.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import secrets
 import shutil
 from pathlib import Path
 from typing import Callable
+
+from safetensors import SafetensorError
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +34,20 @@ TEMP_PREFIX = ".blip2-tmp-"  # a file being written; one left by a crash is stil
 
 class OutputFolderError(FileExistsError, ValueError):
     """An output folder holds files blip2 did not write, or the output is a regular file; nothing was written."""
+
+
+class OutputWriteError(OSError):
+    """Writing a folder failed part-way (disk full, a folder taken away): its files are as they were before."""
+
+
+def _write_failure(directory: Path, error: BaseException) -> OutputWriteError:
+    """One line for a failed write; ENOSPC reads "no space left on device" whichever library raised it."""
+    text = " ".join(str(error).split())
+    if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "No space left" in text or "StorageFull" in text:
+        reason = "no space left on device"
+    else:
+        reason = (error.strerror if isinstance(error, OSError) and error.strerror else text) or type(error).__name__
+    return OutputWriteError(f"could not write {directory}: {reason}; the files already there are unchanged")
 
 
 def foreign_entries(directory: Path) -> list[str]:
@@ -85,6 +102,10 @@ def write_files(directory: Path, writers: dict[str, Callable[[Path], None]]) -> 
             write(staged[name])
         for name, temp in staged.items():
             os.replace(temp, directory / name)
+    except (OSError, SafetensorError) as error:  # safetensors reports a full disk as its own SafetensorError
+        if isinstance(error, (OutputFolderError, OutputWriteError)):
+            raise
+        raise _write_failure(directory, error) from error
     finally:
         for temp in staged.values():
             temp.unlink(missing_ok=True)
@@ -111,5 +132,9 @@ def write_folder_files(directory: Path, write: Callable[[Path], object]) -> list
         for name in names:
             os.replace(staging / name, directory / name)
         return names
+    except OSError as error:
+        if isinstance(error, (OutputFolderError, OutputWriteError)):
+            raise
+        raise _write_failure(directory, error) from error
     finally:
         shutil.rmtree(staging, ignore_errors=True)
