@@ -336,8 +336,13 @@ class Blip2Config(_ConfigBase):
             f"{name!r} is neither a preset nor a folder; presets: {', '.join(registry.PRESETS)}"
         )
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        self.to_yaml(Path(directory) / "config.yaml")
+    def save_pretrained(self, directory: str | os.PathLike, overwrite: bool = False) -> None:
+        """Write ``config.yaml`` atomically; a folder holding files blip2 did not write is refused unless
+        ``overwrite`` (which keeps those files)."""
+        from blip2.weights import io  # the one place that knows which files are ours
+
+        directory = io.prepare_output_folder(directory, overwrite)
+        io.write_files(directory, {"config.yaml": self.to_yaml})
 
 
 def set_by_path(config: Any, dotted: str, raw_value: str) -> None:

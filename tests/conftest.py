@@ -32,6 +32,16 @@ def text_batch(batch: int, length: int, vocab: int = 100, lengths: list[int] | N
     return input_ids, attention_mask
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny models (``pytestmark = pytest.mark.usefixtures("one_thread")``): on tiny tensors more
+    intra-op threads only add overhead, and a lot of it when the CPU is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def config() -> Blip2Config:
     return tiny_config()

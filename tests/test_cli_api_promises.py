@@ -31,12 +31,7 @@ OWN_DATA = CONFIGS / "run_blip2_tiny_own_data.yaml"
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)  # not CLIP's: shows whether a saved preprocessor_config.json was read
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: more threads only add overhead on a shared CPU
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run on one thread
 
 
 def tiny_stage1(image_size: int = 32) -> Blip2Config:

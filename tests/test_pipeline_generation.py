@@ -27,12 +27,7 @@ PROMPTS = ["a dog", "the old train waits at", ""]
 OPT_IMAGE_TOKEN = VOCAB  # one id past the tokenizer's vocabulary, as <image> is added to OPT's
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: more threads only add overhead on a shared CPU
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run on one thread
 
 
 @pytest.fixture(scope="module")

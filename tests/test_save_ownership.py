@@ -157,3 +157,36 @@ def test_item03_stage2_model_and_generation_processor_keep_user_files(tmp_path: 
     assert "notes.txt" in names and "tokenizer.json" in names and "preprocessor_config.json" in names, names
     assert io.foreign_entries(folder) == ["notes.txt"]
     assert load_llm_tokenizer(folder).get_vocab() == processor.tokenizer.get_vocab()
+
+
+@pytest.mark.parametrize("saver", ["config", "image_processor"])
+def test_item03_config_and_image_processor_saves_respect_the_users_folder(model, tmp_path: Path, saver: str) -> None:
+    from blip2.processing import Blip2ImageProcessor
+
+    save = (model.config.save_pretrained if saver == "config"
+            else Blip2ImageProcessor(30, (0.5, 0.5, 0.5), (0.2, 0.2, 0.2)).save_pretrained)
+    folder = _user_folder(tmp_path / "out")
+    with pytest.raises(io.OutputFolderError, match="notes.txt"):
+        save(folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
+    save(folder, overwrite=True)
+    written = {"config": "config.yaml", "image_processor": "preprocessor_config.json"}[saver]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(["notes.txt", written])
+    assert (folder / "notes.txt").read_text() == "my notes"
+
+
+def test_item03_a_full_disk_is_one_line_and_keeps_the_old_files(model, tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(loader, "save_file", full)
+    with pytest.raises(io.OutputWriteError, match=r"could not write .*model: no space left on device") as info:
+        model.save_pretrained(folder)
+    assert "\n" not in str(info.value)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before

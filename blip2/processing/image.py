@@ -227,10 +227,14 @@ class Blip2ImageProcessor:
             seed=seed,
         )
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        Path(directory).mkdir(parents=True, exist_ok=True)
-        with open(Path(directory) / PREPROCESSOR_CONFIG, "w", encoding="utf-8") as handle:
-            json.dump(self.to_dict(), handle, indent=2)
+    def save_pretrained(self, directory: str | os.PathLike, overwrite: bool = False) -> None:
+        """Write ``preprocessor_config.json`` atomically; a folder holding files blip2 did not write is refused
+        unless ``overwrite`` (which keeps those files)."""
+        from blip2.weights import io
+
+        directory = io.prepare_output_folder(directory, overwrite)
+        io.write_files(directory, {PREPROCESSOR_CONFIG: lambda path: path.write_text(
+            json.dumps(self.to_dict(), indent=2), encoding="utf-8")})
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, seed: int | None = None) -> "Blip2ImageProcessor":
