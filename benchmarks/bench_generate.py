@@ -67,7 +67,7 @@ SHAPES = {
     "tiny": Shape(tiny_config, via_folder=True, cpu_batch_sizes="1,16", cuda_batch_sizes="1,16"),
     # Salesforce/blip2-opt-2.7b: EVA ViT-g/14 (39 blocks, width 1408), Q-Former bert-base (32 queries), OPT-2.7b
     # (width 2560, 32 layers, 32 heads, FFN 10240, vocabulary 50272)
-    "opt-2.7b": Shape(lambda: registry.get_preset("blip2_opt_2.7b").build_config(), via_folder=False,
+    "opt-2.7b": Shape(lambda: Blip2Config.from_dict(registry.get_preset("blip2_opt_2.7b").build_config()), via_folder=False,
                       cpu_batch_sizes="1", cuda_batch_sizes="1,16"),
 }
 
@@ -98,7 +98,7 @@ def build_pair(config: Blip2Config, shape: Shape, device: torch.device, dtype: t
     from transformers import Blip2ForConditionalGeneration
 
     from blip2.weights import hf as hf_format
-    from blip2.weights.hf import config_from_hf_folder
+    from blip2.config import config_from_hf_folder
     from blip2.weights.loader import load_into
 
     with torch.device(device):  # random init where the model runs, in its weight dtype

@@ -18,7 +18,6 @@ from typing import Callable
 
 import torch
 
-from blip2 import registry
 from blip2.config import Blip2Config, QformerConfig, ViTConfig
 
 CLS_ID, SEP_ID = 101, 102  # bert-base-uncased [CLS] and [SEP]
@@ -35,9 +34,9 @@ def vit_b_config() -> Blip2Config:
 
 
 CONFIGS: dict[str, Callable[[], Blip2Config]] = {
-    "tiny": lambda: registry.get_preset("blip2_tiny").config(),
+    "tiny": lambda: Blip2Config.from_pretrained("blip2_tiny"),
     "vit-b": vit_b_config,
-    "vit-g": lambda: registry.get_preset("blip2_stage1_vit_g").config(),
+    "vit-g": lambda: Blip2Config.from_pretrained("blip2_stage1_vit_g"),
 }
 
 

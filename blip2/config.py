@@ -1,7 +1,8 @@
 """Model configuration: small dataclasses that load from and save to YAML.
 
 Every field name follows the seed (MindFormers) and transformers' vocabulary. Unknown keys are errors that name the
-key and list the valid ones, so a typo in a YAML file never silently falls back to a default.
+key and list the valid ones, so a typo in a YAML file never silently falls back to a default. This module sits at the
+bottom of the package: it imports only ``registry`` (preset names) and ``files`` (atomic writes of our own files).
 """
 
 from __future__ import annotations
@@ -10,11 +11,13 @@ import dataclasses
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 
-T = TypeVar("T", bound="_ConfigBase")
+from blip2 import files, registry
+
+T = TypeVar("T", bound="ConfigBase")
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -23,11 +26,29 @@ class ConfigError(ValueError):
     """A configuration value or key is invalid; the message names it."""
 
 
-class _ConfigBase:
-    """Shared dict/YAML round trip for the config dataclasses."""
+class ConfigBase:
+    """Shared dict/YAML round trip for the config dataclasses.
 
-    # nested config fields: name -> class (filled by subclasses)
-    _nested: dict[str, type] = {}
+    ``nested`` names the fields holding another config section; a plain dict given there (from YAML or code) becomes
+    that section in ``__post_init__``. Subclasses put their checks in ``validate``, which runs after that conversion
+    and again when ``validate_tree`` re-checks a tree after ``--set`` overrides.
+    """
+
+    nested: ClassVar[dict[str, type]] = {}
+
+    def __post_init__(self) -> None:
+        prefix = f"{self.section_name}." if self.section_name else ""
+        for name, section in self.nested.items():
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, section.from_dict(value, where=f"{prefix}{name}"))
+        self.validate()
+
+    #: the YAML path of this section in error messages ("" at the top)
+    section_name: ClassVar[str] = ""
+
+    def validate(self) -> None:
+        """Raise ``ConfigError`` naming the key when a value is out of range (overridden by the sections)."""
 
     @classmethod
     def from_dict(cls: type[T], data: dict[str, Any] | None, *, where: str = "") -> T:
@@ -47,7 +68,7 @@ class _ConfigBase:
         kwargs: dict[str, Any] = {}
         declared = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
         for name, value in data.items():
-            nested = cls._nested.get(name)
+            nested = cls.nested.get(name)
             if nested is not None and isinstance(value, dict):
                 value = nested.from_dict(value, where=f"{prefix}{name}")
             kwargs[name] = coerce_number(f"{prefix}{name}", value, declared[name].default, declared[name].type)
@@ -57,7 +78,7 @@ class _ConfigBase:
         out: dict[str, Any] = {}
         for f in fields(self):  # type: ignore[arg-type]
             value = getattr(self, f.name)
-            if isinstance(value, _ConfigBase):
+            if isinstance(value, ConfigBase):
                 value = value.to_dict()
             elif isinstance(value, dict):
                 value = dict(value)
@@ -182,7 +203,7 @@ def _check_divides(owner: str, hidden_size: int, num_heads: int) -> None:
 
 
 @dataclass
-class ViTConfig(_ConfigBase):
+class ViTConfig(ConfigBase):
     """EVA ViT image encoder (defaults: EVA-CLIP ViT-g/14 with its last block dropped, as BLIP-2 uses it)."""
 
     image_size: int = 224
@@ -196,12 +217,11 @@ class ViTConfig(_ConfigBase):
     qkv_bias: bool = True  # q and v biases; the k bias is always zero (EVA)
     drop_path_rate: float = 0.0
     use_grad_checkpoint: bool = False
-    # amplitude of the 2-D sine-cosine table a randomly initialised ViT starts its positions from (MAE: 1.0); loaded
-    # weights replace it. At 0.3 the pixels' patch embeddings stay the larger part of a token; a frozen random ViT
-    # whose Q-Former must learn positions from captions (the quickstart) needs 1.0
+    # amplitude of the 2-D sine-cosine position table of a randomly initialised ViT (MAE uses 1.0); loaded weights
+    # replace it. It sets how loud positions are against the patch embeddings in a random (e.g. frozen) encoder
     position_init_amplitude: float = 0.3
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         _check_positive("vision_config", image_size=self.image_size, patch_size=self.patch_size,
                         hidden_size=self.hidden_size, num_hidden_layers=self.num_hidden_layers,
                         num_attention_heads=self.num_attention_heads, intermediate_size=self.intermediate_size)
@@ -219,7 +239,7 @@ class ViTConfig(_ConfigBase):
 
 
 @dataclass
-class QformerConfig(_ConfigBase):
+class QformerConfig(ConfigBase):
     """Q-Former: a BERT-base encoder with learned queries and cross-attention to the image every few layers.
 
     The cross-attention key/value width is the ViT's hidden size; it is read from ``Blip2Config.vision_config`` and
@@ -240,16 +260,14 @@ class QformerConfig(_ConfigBase):
     sep_token_id: int = 102  # [SEP], the end of a caption
     hidden_dropout_prob: float = 0.1
     attention_probs_dropout_prob: float = 0.1
-    # std of the Q-Former's weights, embeddings and learned queries at init (transformers' name; BERT's 0.02, tuned for
-    # 768 wide). A narrow Q-Former needs more: with 0.02 a 128-wide one's projections shrink every signal ~5x and its
-    # attention starts uniform, so a short training run spends its first half on plateaus
+    # std of the Q-Former's weights, embeddings and learned queries at init (transformers' name; BERT's 0.02 suits a
+    # 768-wide model: a narrower one keeps its activations' scale with a larger value)
     initializer_range: float = 0.02
-    # std of the cross-attention query/key projections at init (BERT's 0.02 elsewhere). With 0.02 a small Q-Former's
-    # initial attention logits differ by ~0.05: every query sees the image's mean token (its colour, not its shapes)
-    # and contrastive training first settles there; a larger value makes cross-attention selective from the start
+    # std of the cross-attention query/key projections at init: the scale of the first attention logits over image
+    # tokens (near-uniform attention at small values; a larger value makes cross-attention selective from the start)
     cross_attention_init_std: float = 0.02
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         _check_positive("qformer_config", hidden_size=self.hidden_size, num_hidden_layers=self.num_hidden_layers,
                         num_attention_heads=self.num_attention_heads, intermediate_size=self.intermediate_size,
                         query_length=self.query_length, cross_attention_freq=self.cross_attention_freq,
@@ -274,7 +292,7 @@ def _check_seq_length(seq_length: int | None, query_length: int, max_txt_len: in
 
 
 @dataclass
-class Blip2Config(_ConfigBase):
+class Blip2Config(ConfigBase):
     """The whole BLIP-2 model: image encoder, Q-Former and (stage 2) the language model's config.
 
     ``text_config`` is None in stage 1. In stage 2 it is a dict: the LLM's transformers config keys plus
@@ -293,13 +311,9 @@ class Blip2Config(_ConfigBase):
     checkpoint_name_or_path: str | None = None
     compute_dtype: str = "bfloat16"  # autocast dtype on accelerators; CPU runs in float32
 
-    _nested = {"vision_config": ViTConfig, "qformer_config": QformerConfig}
+    nested: ClassVar[dict[str, type]] = {"vision_config": ViTConfig, "qformer_config": QformerConfig}
 
-    def __post_init__(self) -> None:
-        if isinstance(self.vision_config, dict):
-            self.vision_config = ViTConfig.from_dict(self.vision_config, where="vision_config")
-        if isinstance(self.qformer_config, dict):
-            self.qformer_config = QformerConfig.from_dict(self.qformer_config, where="qformer_config")
+    def validate(self) -> None:
         _check_positive("model_config", embed_dim=self.embed_dim, max_txt_len=self.max_txt_len)
         if self.compute_dtype not in _DTYPES:
             raise ConfigError(f"compute_dtype={self.compute_dtype!r} must be one of {', '.join(_DTYPES)}")
@@ -318,31 +332,104 @@ class Blip2Config(_ConfigBase):
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike) -> "Blip2Config":
         """A preset name (see ``show_support_list``), one of our folders, or a Hugging Face BLIP-2 folder."""
-        from blip2 import registry
-
-        name = str(name_or_path)
-        if name in registry.PRESETS:
-            return registry.get_preset(name).config()
-        path = Path(name)
-        if path.is_dir():
-            if (path / "config.yaml").is_file():
-                return cls.from_yaml(path / "config.yaml")
-            if (path / "config.json").is_file():
-                from blip2.weights import hf
-
-                return hf.config_from_hf_folder(path)
-            raise FileNotFoundError(f"{path} has neither config.yaml (blip2) nor config.json (Hugging Face)")
-        raise FileNotFoundError(
-            f"{name!r} is neither a preset nor a folder; presets: {', '.join(registry.PRESETS)}"
-        )
+        source = registry.resolve(name_or_path)
+        if source.preset is not None:
+            return cls.from_dict(source.preset.config_dict())
+        path = source.path
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path} is a file: a config is read from a preset name or a model folder")
+        if (path / "config.yaml").is_file():
+            return cls.from_yaml(path / "config.yaml")
+        if (path / "config.json").is_file():
+            return config_from_hf_folder(path)
+        raise FileNotFoundError(f"{path} has neither config.yaml (blip2) nor config.json (Hugging Face)")
 
     def save_pretrained(self, directory: str | os.PathLike, overwrite: bool = False) -> None:
         """Write ``config.yaml`` atomically; a folder holding files blip2 did not write is refused unless
         ``overwrite`` (which keeps those files)."""
-        from blip2.weights import io  # the one place that knows which files are ours
+        directory = files.prepare_output_folder(directory, overwrite)
+        files.write_files(directory, {"config.yaml": self.to_yaml})
 
-        directory = io.prepare_output_folder(directory, overwrite)
-        io.write_files(directory, {"config.yaml": self.to_yaml})
+
+# --- transformers' BLIP-2 config.json ------------------------------------------------------------------------------
+BERT_VOCAB_SIZE = 30522  # bert-base-uncased; LAVIS appends [DEC] as id 30522
+BERT_SEP_ID = 102
+
+
+def _square(value: Any, key: str) -> int:
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2 or value[0] != value[1]:
+            raise ConfigError(f"vision_config.{key}={list(value)}: only square images and patches are supported")
+        value = value[0]
+    return int(value)
+
+
+def _check_gelu(section: str, hidden_act: str) -> None:
+    if hidden_act != "gelu":
+        raise ConfigError(f"{section}.hidden_act={hidden_act!r}: only 'gelu' (exact) is supported")
+
+
+def _special_ids(vocab_size: int) -> tuple[int, int]:
+    """([DEC], [SEP]) ids: BERT's for the real vocabulary, otherwise the last ids of a small test vocabulary."""
+    if vocab_size > BERT_VOCAB_SIZE:
+        return BERT_VOCAB_SIZE, BERT_SEP_ID
+    return vocab_size - 1, min(BERT_SEP_ID, vocab_size - 2)
+
+
+def _vit_from_hf(vision: Any) -> ViTConfig:
+    _check_gelu("vision_config", vision.hidden_act)
+    return ViTConfig(
+        image_size=_square(vision.image_size, "image_size"),
+        patch_size=_square(vision.patch_size, "patch_size"),
+        hidden_size=vision.hidden_size,
+        num_hidden_layers=vision.num_hidden_layers,
+        num_attention_heads=vision.num_attention_heads,
+        intermediate_size=vision.intermediate_size,
+        layer_norm_eps=vision.layer_norm_eps,
+        ln_vision_eps=vision.layer_norm_eps,  # ln_vision is HF's post_layernorm, built with this eps
+        qkv_bias=vision.qkv_bias,
+    )
+
+
+def _qformer_from_hf(qformer: Any, query_length: int) -> QformerConfig:
+    _check_gelu("qformer_config", qformer.hidden_act)
+    vocab_size = qformer.vocab_size
+    if not qformer.use_qformer_text_input and vocab_size == BERT_VOCAB_SIZE:
+        vocab_size += 1  # the text parts are not in the file: size them as LAVIS does, with [DEC]
+    bos_token_id, sep_token_id = _special_ids(vocab_size)
+    return QformerConfig(
+        hidden_size=qformer.hidden_size,
+        num_hidden_layers=qformer.num_hidden_layers,
+        num_attention_heads=qformer.num_attention_heads,
+        intermediate_size=qformer.intermediate_size,
+        query_length=query_length,
+        cross_attention_freq=qformer.cross_attention_frequency,
+        vocab_size=vocab_size,
+        max_position_embeddings=qformer.max_position_embeddings,
+        layer_norm_eps=qformer.layer_norm_eps,
+        bos_token_id=bos_token_id,
+        pad_token_id=qformer.pad_token_id or 0,
+        sep_token_id=sep_token_id,
+        hidden_dropout_prob=qformer.hidden_dropout_prob,
+        attention_probs_dropout_prob=qformer.attention_probs_dropout_prob,
+        initializer_range=qformer.initializer_range,
+    )
+
+
+def config_from_hf_folder(path: str | Path) -> Blip2Config:
+    """Translate a transformers BLIP-2 ``config.json`` into a ``Blip2Config``."""
+    from transformers import Blip2Config as HFBlip2Config
+
+    hf = HFBlip2Config.from_pretrained(str(path))
+    qformer = hf.qformer_config
+    return Blip2Config(
+        vision_config=_vit_from_hf(hf.vision_config),
+        qformer_config=_qformer_from_hf(qformer, hf.num_query_tokens),
+        # a generation checkpoint keeps its LLM config for stage 2; a retrieval checkpoint has no LLM
+        text_config=None if qformer.use_qformer_text_input else hf.text_config.to_dict(),
+        embed_dim=hf.image_text_hidden_size,
+        max_txt_len=min(32, qformer.max_position_embeddings),
+    )
 
 
 def set_by_path(config: Any, dotted: str, raw_value: str) -> None:

@@ -2,31 +2,33 @@
 
 Stage-1 tasks: ``zero_shot_image_classification`` (softmax over candidate labels) and ``image_text_retrieval`` (ITC
 ranking re-ranked by ITM, as retrieval evaluation does; with only images or only texts it returns features, so
-``feature_extraction`` is the same pipeline). The scoring itself lives in ``blip2.engine.tasks`` and
-``blip2.engine.retrieval``. Stage 2: ``image_to_text_generation`` (captions, optionally continuing a prompt, by
-``Blip2ImageToTextGeneration.generate``). This module loads images, batches them and formats the results.
+``feature_extraction`` is the same pipeline). The scoring itself lives in ``blip2.models.scoring``, shared with
+evaluation. Stage 2: ``image_to_text_generation`` (captions, optionally continuing a prompt, by
+``Blip2ImageToTextGeneration.generate`` through ``blip2.processing.prompts``). This module loads images, batches them
+and formats the results.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from blip2 import registry
-from blip2.engine.retrieval import rerank_scores
-from blip2.engine.tasks import DEFAULT_TEMPLATE, encode_texts, label_features, ranked_labels, zero_shot_logits
 from blip2.models import Blip2ImageToTextGeneration, Blip2Qformer
-from blip2.processing import (Blip2GenerationProcessor, Blip2ImageProcessor, Blip2Processor, clean_caption,
-                              load_tokenizer)
+from blip2.models.scoring import (encode_images, encode_texts, label_features, rank_rows, ranked_labels,
+                                  rerank_scores, zero_shot_logits)
+from blip2.processing import Blip2GenerationProcessor, Blip2Processor, clean_caption
+from blip2.processing import prompts as prompting
+from blip2.processing.auto import default_processor, generation_processor
 from blip2.processing.image import ImageInput
-from blip2.processing.processor import VOCAB_FILE
+from blip2.processing.prompts import DEFAULT_TEMPLATE, IDENTITY_TEMPLATE
 
 MAX_CACHED_LABEL_SETS = 16
+# pairs per ITM call, per image of batch_size: images are cheap to repeat once encoded, so batch well beyond it
+ITM_PAIRS_PER_IMAGE = 16
 
 
 def _as_list(items: Any) -> tuple[list, bool]:
@@ -58,11 +60,7 @@ class _Pipeline:
         return self.model.autocast(self.device)
 
     def _pixel_batches(self, images: list[ImageInput], batch_size: int):
-        if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size} must be >= 1")
-        for start in range(0, len(images), batch_size):
-            pixels = self.processor.image_processor(images[start : start + batch_size])["pixel_values"]
-            yield pixels.to(self.device)  # (b, 3, S, S)
+        return prompting.pixel_batches(self.processor.image_processor, images, batch_size, self.device)
 
 
 class ZeroShotImageClassificationPipeline(_Pipeline):
@@ -128,14 +126,9 @@ class ImageTextRetrievalPipeline(_Pipeline):
     @torch.no_grad()
     def encode_images(self, images: list[ImageInput], batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Query features (N, Q, E) in float32 and ln_vision(ViT) outputs (N, T, D) for ITM."""
-        feats, embeds = [], []
-        for pixel_values in self._pixel_batches(images, batch_size):
-            with self.autocast():
-                image_embeds = self.model.encode_image(pixel_values)  # (b, T, D)
-                query_hidden = self.model.query_forward(image_embeds).last_hidden_state  # (b, Q, D)
-                feats.append(self.model.image_feats(query_hidden).float())
-            embeds.append(image_embeds)
-        return torch.cat(feats), torch.cat(embeds)
+        batches = ({"pixel_values": pixels} for pixels in self._pixel_batches(images, batch_size))
+        feats, embeds, _ = encode_images(self.model, batches, self.device, autocast=self.autocast)
+        return feats, embeds
 
     @torch.no_grad()
     def encode_texts(self, texts: list[str], batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -183,49 +176,16 @@ class ImageTextRetrievalPipeline(_Pipeline):
                 with self.autocast():
                     return self.model.itm_logits_from_embeds(embeds, ids, masks)
 
-            # pairs per ITM call: images are cheap to repeat once encoded, so batch well beyond batch_size
             score_i2t, score_t2i = rerank_scores(itm_fn, sims, image_embeds, text_ids, text_mask, k_test,
-                                                 batch_size=batch_size * 16, split_across_ranks=False)
+                                                 batch_size=batch_size * ITM_PAIRS_PER_IMAGE)
             limit = k_test if top_k is None else min(top_k, k_test)
         else:
             score_i2t, score_t2i = sims, sims.t()
             limit = top_k
         image_to_text = [[{"index": i, "text": text_list[i], "score": s} for i, s in ranking]
-                         for ranking in _rank_rows(score_i2t, limit)]
-        text_to_image = [[{"index": i, "score": s} for i, s in ranking] for ranking in _rank_rows(score_t2i, limit)]
+                         for ranking in rank_rows(score_i2t, limit)]
+        text_to_image = [[{"index": i, "score": s} for i, s in ranking] for ranking in rank_rows(score_t2i, limit)]
         return {"image_to_text": image_to_text, "text_to_image": text_to_image}
-
-
-def _rank_rows(scores: torch.Tensor, limit: int | None) -> list[list[tuple[int, float]]]:
-    """Per row, (column, score) pairs of the ``limit`` best columns, best first (ties: lower index first)."""
-    k = scores.shape[1] if limit is None else min(limit, scores.shape[1])
-    values, index = scores.float().cpu().sort(dim=1, descending=True, stable=True)
-    return [list(zip(row_index[:k], row_values[:k])) for row_index, row_values in zip(index.tolist(), values.tolist())]
-
-
-GENERATED_TEXT = "generated_text"
-IDENTITY_TEMPLATE = "{}"
-
-
-def apply_template(template: str, prompt: str | None) -> str:
-    """``template.format(prompt).strip()``, as the seed builds a prompt; no prompt formats in "" (so a template
-    without ``{}`` is itself the prompt). A template without ``{}`` refuses a prompt it would silently drop."""
-    if prompt is not None and not isinstance(prompt, str):
-        raise TypeError(f"a prompt must be a string, got {type(prompt).__name__}")
-    if prompt and "{}" not in template:
-        raise ValueError(f"hypothesis_template={template!r} has no {{}} for the prompt {prompt!r}, which would be "
-                         "dropped: use a template with {} (the default is '{}') or leave the prompt out")
-    return template.format(prompt or "").strip()
-
-
-def _check_template(template: str) -> None:
-    if not isinstance(template, str):
-        raise TypeError(f"hypothesis_template must be a string, got {type(template).__name__}")
-    try:
-        template.format("")
-    except (IndexError, KeyError, ValueError):
-        raise ValueError(f"hypothesis_template={template!r} must have at most one plain {{}} slot "
-                         "(write literal braces as {{ and }})") from None
 
 
 class ImageToTextGenerationPipeline(_Pipeline):
@@ -247,7 +207,7 @@ class ImageToTextGenerationPipeline(_Pipeline):
                  device: torch.device, hypothesis_template: str = IDENTITY_TEMPLATE, return_full_text: bool = True,
                  batch_size: int = 8, **generation_kwargs) -> None:
         super().__init__(model, processor, device, batch_size)
-        _check_template(hypothesis_template)
+        prompting.check_template(hypothesis_template)
         self.hypothesis_template = hypothesis_template
         self.return_full_text = return_full_text
         self.generation_kwargs = generation_kwargs
@@ -264,14 +224,10 @@ class ImageToTextGenerationPipeline(_Pipeline):
         each image gives a list of n dicts instead of one.
         """
         batch, single = _as_list(images)
-        if not batch:
-            raise ValueError("no images given")
-        batch, prompts = self._split_prompts(batch, prompt)
-        batch_size = batch_size or self.batch_size
-        results: list = []
-        for start, pixel_values in zip(range(0, len(batch), batch_size), self._pixel_batches(batch, batch_size)):
-            results += self.generate_from_pixels(pixel_values, prompts[start:start + batch_size], hypothesis_template,
-                                                 return_full_text, **generation_kwargs)
+        results = prompting.generate(self.model, self.processor, batch, prompt, self.device,
+                                     batch_size or self.batch_size, **self._options(hypothesis_template,
+                                                                                    return_full_text,
+                                                                                    generation_kwargs))
         return results[0] if single else results
 
     @torch.no_grad()
@@ -279,57 +235,23 @@ class ImageToTextGenerationPipeline(_Pipeline):
                              hypothesis_template: str | None = None, return_full_text: bool | None = None,
                              **generation_kwargs) -> list:
         """The outputs for an already processed batch ``pixel_values`` (B, 3, S, S) on the pipeline's device;
-        ``prompts``: one for all images (or None) or one per image. Evaluation loops feed their batches here."""
-        if prompts is None or isinstance(prompts, str):
-            prompts = [prompts] * pixel_values.shape[0]
+        ``prompts``: one for all images (or None) or one per image."""
+        return prompting.generate_from_pixels(self.model, self.processor, pixel_values, prompts,
+                                              **self._options(hypothesis_template, return_full_text,
+                                                              generation_kwargs))
+
+    def _options(self, hypothesis_template: str | None, return_full_text: bool | None,
+                 generation_kwargs: dict[str, Any]) -> dict[str, Any]:
+        """A call's template, full-text choice and generation settings over the pipeline's, plus its autocast."""
         template = hypothesis_template if hypothesis_template is not None else self.hypothesis_template
-        _check_template(template)
-        default = self.default_prompt
-        texts = [apply_template(template, default if text is None else text) for text in prompts]
         full_text = self.return_full_text if return_full_text is None else return_full_text
-        settings = {**self.generation_kwargs, **generation_kwargs}
-        prompt_ids = self.processor.encode(texts)
-        tokens = {name: value.to(self.device) for name, value in self.processor.pad(prompt_ids).items()}
-        with self.autocast():
-            new_ids = self.model.generate(pixel_values, tokens["input_ids"], tokens["attention_mask"], **settings)
-        per_image = new_ids.shape[0] // len(texts)  # num_return_sequences rows per image, image by image
-        outputs = [{GENERATED_TEXT: self._text(texts[row // per_image], prompt_ids[row // per_image], ids, full_text)}
-                   for row, ids in enumerate(new_ids.cpu().tolist())]
-        return outputs if per_image == 1 else [outputs[i:i + per_image] for i in range(0, len(outputs), per_image)]
+        return {"template": template, "full_text": full_text, "autocast": self.autocast,
+                **self.generation_kwargs, **generation_kwargs}
 
     @property
     def default_prompt(self) -> str | None:
-        """The prompt of an image given none: the model's own (``model_config.prompt``, the text its stage-2 training
-        put before every caption, as LAVIS generates after it), else None (the LLM's BOS alone)."""
-        prompt = self.model.config.prompt
-        return prompt if isinstance(prompt, str) and prompt else None
-
-    def _text(self, prompt: str, prompt_ids: list[int], new_ids: list[int], full_text: bool) -> str:
-        continuation = self.processor.continuation(prompt_ids, new_ids)
-        return (prompt + continuation).strip() if full_text else continuation.strip()
-
-    @staticmethod
-    def _split_prompts(batch: list, prompt: str | Sequence[str] | None) -> tuple[list[ImageInput], list[str | None]]:
-        """(images, one prompt or None per image) from the inputs (dicts included) and ``prompt``."""
-        given = [item.get("prompt") if isinstance(item, dict) else None for item in batch]
-        images = []
-        for item in batch:
-            if isinstance(item, dict):
-                if "image" not in item or set(item) - {"image", "prompt"}:
-                    raise ValueError(f"an input dict needs 'image' and may have 'prompt'; got keys {sorted(item)}")
-                item = item["image"]
-            images.append(item)
-        if prompt is None:
-            return images, given
-        if any(text is not None for text in given):
-            raise ValueError("prompts given twice: in the input dicts and as prompt=; give them one way")
-        if isinstance(prompt, str):
-            return images, [prompt] * len(images)
-        prompts = list(prompt)
-        if len(prompts) != len(images):
-            raise ValueError(f"got {len(prompts)} prompts for {len(images)} images: give one prompt for all, or one "
-                             "per image")
-        return images, prompts
+        """The prompt of an image given none: the model's own (``model_config.prompt``), else None."""
+        return prompting.default_prompt(self.model)
 
 
 PIPELINES: dict[str, type[_Pipeline]] = {
@@ -338,79 +260,6 @@ PIPELINES: dict[str, type[_Pipeline]] = {
     "feature_extraction": ImageTextRetrievalPipeline,
     ImageToTextGenerationPipeline.task: ImageToTextGenerationPipeline,
 }
-
-
-def _saved_folder(source: str | os.PathLike | None) -> Path | None:
-    """The folder a model was read from (a preset's under $BLIP2_HOME), or None (an object, or a file)."""
-    if source is None:
-        return None
-    if str(source) in registry.PRESETS:
-        return registry.get_preset(str(source)).directory()
-    return Path(source) if Path(source).is_dir() else None
-
-
-def model_source(model, source: str | os.PathLike | None = None) -> str | os.PathLike | None:
-    """Where the model's processor files are: ``source`` if given, else where ``from_pretrained`` read the model
-    (``model.name_or_path``: a preset name or a path), else None (a model built from a config)."""
-    return source if source is not None else getattr(model, "name_or_path", None)
-
-
-def image_processor_for(model, source: str | os.PathLike | None, seed: int | None = None) -> Blip2ImageProcessor:
-    """The image processor saved with ``source`` (a preset or a folder) if any, else one from the model's config."""
-    if source is not None and (str(source) in registry.PRESETS or Path(source).is_dir()):
-        with contextlib.suppress(FileNotFoundError):
-            return Blip2ImageProcessor.from_pretrained(source, seed=seed)
-    config = model.config
-    preset = registry.PRESETS.get(config.checkpoint_name_or_path or "")
-    stats = (preset.image_mean, preset.image_std) if preset is not None else ()  # else CLIP's, the default
-    return Blip2ImageProcessor(config.vision_config.image_size, *stats, seed=seed)
-
-
-def saved_vocab(source: str | os.PathLike | None) -> Path | None:
-    """The Q-Former vocabulary (``vocab.txt``) saved with the model ``source`` (a preset's folder or a folder)."""
-    folder = _saved_folder(source)
-    vocab = folder / VOCAB_FILE if folder is not None else None
-    return vocab if vocab is not None and vocab.is_file() else None
-
-
-def default_processor(model: Blip2Qformer, source: str | os.PathLike | None = None,
-                      seed: int | None = None) -> Blip2Processor:
-    """The processor saved with the model (``source``, else ``model.name_or_path``: a preset or a folder) if any,
-    else one built from the model's config: its image settings, the vocab.txt beside it or bert-base-uncased's."""
-    source = model_source(model, source)
-    vocab = saved_vocab(source)
-    return Blip2Processor(image_processor_for(model, source, seed), load_tokenizer(vocab), model.config.max_txt_len)
-
-
-def generation_processor(model: Blip2ImageToTextGeneration, source: str | os.PathLike | None = None,
-                         tokenizer: PreTrainedTokenizerBase | str | os.PathLike | None = None
-                         ) -> Blip2GenerationProcessor:
-    """The image processor saved with ``source`` (else one from the model's config) and the LLM's tokenizer:
-    ``tokenizer`` (a tokenizer or a folder), else the LLM folder's (``model.llm_folder``), else one saved in the
-    model's folder (``source``: a transformers BLIP-2 folder with its processor, or ours with
-    ``Blip2GenerationProcessor.save_pretrained``)."""
-    from blip2.llm import has_tokenizer_files, load_llm_tokenizer
-
-    source = model_source(model, source)
-    image_processor = image_processor_for(model, source)
-    if tokenizer is not None:
-        if isinstance(tokenizer, (str, os.PathLike)):
-            tokenizer = load_llm_tokenizer(tokenizer)
-        return Blip2GenerationProcessor(image_processor, tokenizer)
-    model_folder = _saved_folder(source)
-    candidates = [("the LLM folder", model.llm_folder), ("the model folder", model_folder)]
-    looked = []
-    for what, folder in candidates:
-        if folder is not None and has_tokenizer_files(folder):
-            return Blip2GenerationProcessor(image_processor, load_llm_tokenizer(folder))
-        looked.append(f"{what} {folder}" if folder is not None else
-                      ("no LLM folder (text_config has no checkpoint_name_or_path)" if what == "the LLM folder"
-                       else "no model folder (the model was given as an object)"))
-    raise FileNotFoundError(
-        "no tokenizer for the LLM: looked for tokenizer.json, tokenizer.model or vocab.json + merges.txt in "
-        + "; ".join(looked) + ". Pass tokenizer= (a tokenizer or its folder), or save one beside the model with "
-        "Blip2GenerationProcessor(image_processor, tokenizer).save_pretrained(folder)"
-    )
 
 
 def pipeline(task: str, model: Blip2Qformer | Blip2ImageToTextGeneration | str | os.PathLike | None = None,

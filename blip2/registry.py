@@ -14,9 +14,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
-
-from blip2.config import Blip2Config, QformerConfig, ViTConfig
+from typing import Any, Callable
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -27,7 +25,7 @@ class Preset:
     name: str
     group: str  # "stage1", "stage2" (stage-2 training) or "itt" (stage-2 inference, image-to-text generation)
     description: str
-    build_config: Callable[[], Blip2Config]
+    build_config: Callable[[], dict[str, Any]]  # the Blip2Config as a nested dict (config.py builds the object)
     files: tuple[str, ...] = ("config.yaml", "model.safetensors")  # empty: random weights (tests, demos)
     convert_hint: str = ""
     image_mean: tuple[float, float, float] = CLIP_MEAN
@@ -37,10 +35,9 @@ class Preset:
     llm: str = ""  # stage 2: the LLM folder's name under $BLIP2_HOME
     llm_hint: str = ""
 
-    def config(self) -> Blip2Config:
-        config = self.build_config()
-        config.checkpoint_name_or_path = self.name
-        return config
+    def config_dict(self) -> dict[str, Any]:
+        """The preset's ``Blip2Config`` fields as a nested dict (``Blip2Config.from_pretrained(name)`` builds it)."""
+        return {**self.build_config(), "checkpoint_name_or_path": self.name}
 
     def directory(self) -> Path:
         return blip2_home() / self.name
@@ -53,33 +50,34 @@ def blip2_home() -> Path:
     return Path(os.environ.get("BLIP2_HOME", Path.home() / ".cache" / "blip2")).expanduser()
 
 
-def vit_g_config(image_size: int = 224) -> ViTConfig:
+def vit_g_config(image_size: int = 224) -> dict[str, Any]:
     """EVA-CLIP ViT-g/14 with its last block dropped (39 of 40 blocks), as BLIP-2 uses it."""
-    return ViTConfig(image_size=image_size, patch_size=14, hidden_size=1408, num_hidden_layers=39,
-                     num_attention_heads=16, intermediate_size=6144)
+    return {"image_size": image_size, "patch_size": 14, "hidden_size": 1408, "num_hidden_layers": 39,
+            "num_attention_heads": 16, "intermediate_size": 6144}
 
 
-def _stage1_vit_g() -> Blip2Config:
-    return Blip2Config(vision_config=vit_g_config(), qformer_config=QformerConfig(), embed_dim=256, max_txt_len=32)
+def _stage1_vit_g() -> dict[str, Any]:
+    """ViT-g + the bert-base Q-Former (the config's defaults)."""
+    return {"vision_config": vit_g_config(), "qformer_config": {}, "embed_dim": 256, "max_txt_len": 32}
 
 
-def _tiny() -> Blip2Config:
+def _tiny() -> dict[str, Any]:
     """A few-hundred-thousand-parameter model (plus the real 30523-word vocabulary) for tests and the demo."""
-    vision = ViTConfig(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                       intermediate_size=128)
-    qformer = QformerConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                            query_length=8, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                            attention_probs_dropout_prob=0.0)
-    return Blip2Config(vision_config=vision, qformer_config=qformer, embed_dim=32, max_txt_len=32,
-                       freeze_vision=False, compute_dtype="float32")
+    vision = {"image_size": 32, "patch_size": 8, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "intermediate_size": 128}
+    qformer = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
+               "query_length": 8, "max_position_embeddings": 64, "hidden_dropout_prob": 0.0,
+               "attention_probs_dropout_prob": 0.0}
+    return {"vision_config": vision, "qformer_config": qformer, "embed_dim": 32, "max_txt_len": 32,
+            "freeze_vision": False, "compute_dtype": "float32"}
 
 
-def _tiny_stage2() -> Blip2Config:
+def _tiny_stage2() -> dict[str, Any]:
     """The tiny model with a tiny random LLaMA (the real 32000-word vocabulary) for tests and demos."""
     llama = {"model_type": "llama", "hidden_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
              "num_key_value_heads": 4, "intermediate_size": 96, "vocab_size": 32000, "max_position_embeddings": 128,
              "rms_norm_eps": 1e-6, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "seq_length": 48}
-    return _tiny().replace(text_config=llama)
+    return {**_tiny(), "text_config": llama}
 
 
 def _llama_7b(llm: str, model_type: str = "llama", vocab_size: int = 32000) -> dict:
@@ -94,28 +92,26 @@ def _llama_7b(llm: str, model_type: str = "llama", vocab_size: int = 32000) -> d
             "eos_token_id": 2, "pad_token_id": 0}
 
 
-def _stage2_vit_g(text_config: dict) -> Blip2Config:
-    return Blip2Config(vision_config=vit_g_config(), qformer_config=QformerConfig(), text_config=text_config,
-                       embed_dim=256, max_txt_len=32)
+def _stage2_vit_g(text_config: dict) -> dict[str, Any]:
+    return {**_stage1_vit_g(), "text_config": text_config}
 
 
-def _stage2_llama_7b() -> Blip2Config:
+def _stage2_llama_7b() -> dict[str, Any]:
     return _stage2_vit_g(_llama_7b("llama_7b"))
 
 
-def _stage2_baichuan_7b() -> Blip2Config:
+def _stage2_baichuan_7b() -> dict[str, Any]:
     # Baichuan-7B's own vocabulary (64000); MindFormers' YAML counts 64001 with the <pad> it adds
     return _stage2_vit_g(_llama_7b("baichuan_7b", model_type="baichuan", vocab_size=64000))
 
 
-def _opt_2_7b() -> Blip2Config:
+def _opt_2_7b() -> dict[str, Any]:
     """transformers' Salesforce/blip2-opt-2.7b (the folder's config.json is the one read when loading)."""
     opt = {"model_type": "opt", "hidden_size": 2560, "num_hidden_layers": 32, "ffn_dim": 10240,
            "num_attention_heads": 32, "vocab_size": 50272, "max_position_embeddings": 2048,
            "word_embed_proj_dim": 2560, "bos_token_id": 2, "eos_token_id": 50118, "pad_token_id": 1}
-    vision = vit_g_config().replace(ln_vision_eps=1e-6)  # transformers' post_layernorm eps
-    return Blip2Config(vision_config=vision, qformer_config=QformerConfig(), text_config=opt, embed_dim=256,
-                       max_txt_len=32)
+    vision = {**vit_g_config(), "ln_vision_eps": 1e-6}  # transformers' post_layernorm eps
+    return {"vision_config": vision, "qformer_config": {}, "text_config": opt, "embed_dim": 256, "max_txt_len": 32}
 
 
 _LAVIS_STAGE1 = (
@@ -213,3 +209,39 @@ def missing_files_message(preset: Preset) -> str | None:
         f"preset {preset.name!r} needs " + "; and ".join(problems)
         + " (set BLIP2_HOME to move them). Nothing is downloaded."
     )
+
+
+@dataclass(frozen=True)
+class Source:
+    """What a ``name_or_path`` names: a preset (``preset`` set; ``path`` is its folder under ``$BLIP2_HOME``, which
+    need not exist) or an existing file or folder (``preset`` None)."""
+
+    name: str
+    path: Path
+    preset: Preset | None = None
+
+    @property
+    def folder(self) -> Path | None:
+        """The folder files saved with the model would be in (a preset's, or the folder itself); None for a file."""
+        if self.preset is not None:
+            return self.path
+        return self.path if self.path.is_dir() else None
+
+    def saved_file(self, name: str) -> Path | None:
+        """``name`` in ``folder`` when it is there, else None."""
+        folder = self.folder
+        return folder / name if folder is not None and (folder / name).is_file() else None
+
+
+def resolve(name_or_path: str | os.PathLike, group: str | tuple[str, ...] = "") -> Source:
+    """The one resolver: a preset name or an existing path, else ``FileNotFoundError`` listing the presets (of
+    ``group`` when given). Every ``from_pretrained`` starts here."""
+    name = str(name_or_path)
+    if name in PRESETS:
+        return Source(name, PRESETS[name].directory(), PRESETS[name])
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{name!r} is neither an existing file or folder nor a preset; presets: {', '.join(names(group))}"
+        )
+    return Source(name, path)

@@ -1,35 +1,14 @@
-"""Shared fixtures: tiny odd-sized configs so a swapped axis shows up as a shape error."""
+"""The shared pytest fixtures (every fixture more than one test module uses lives here). Plain helpers are in
+``helpers.py``; ``tiny_config`` and ``text_batch`` are also importable from here for older imports."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from blip2.config import Blip2Config, QformerConfig, ViTConfig
-
-
-def tiny_config(freeze_vision: bool = True, **overrides) -> Blip2Config:
-    vision = ViTConfig(image_size=30, patch_size=6, hidden_size=36, num_hidden_layers=2, num_attention_heads=4,
-                       intermediate_size=37)
-    qformer = QformerConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=37,
-                            query_length=5, vocab_size=120, max_position_embeddings=40, bos_token_id=119,
-                            sep_token_id=102, pad_token_id=0)
-    return Blip2Config(vision_config=vision, qformer_config=qformer, embed_dim=24, max_txt_len=16,
-                       freeze_vision=freeze_vision, **overrides)
-
-
-def text_batch(batch: int, length: int, vocab: int = 100, lengths: list[int] | None = None, seed: int = 0):
-    """[CLS] w w ... [SEP] [PAD]...: input_ids and attention_mask (B, L)."""
-    generator = torch.Generator().manual_seed(seed)
-    lengths = lengths or [length] * batch
-    input_ids = torch.zeros(batch, length, dtype=torch.long)
-    attention_mask = torch.zeros(batch, length, dtype=torch.long)
-    for row, size in enumerate(lengths):
-        input_ids[row, 0] = 101
-        input_ids[row, 1 : size - 1] = torch.randint(1, vocab, (size - 2,), generator=generator)
-        input_ids[row, size - 1] = 102
-        attention_mask[row, :size] = 1
-    return input_ids, attention_mask
+from blip2.config import Blip2Config
+from tests.helpers import text_batch, tiny_config  # noqa: F401  (re-exported for `from conftest import tiny_config`)
 
 
 @pytest.fixture(scope="module")
@@ -45,3 +24,18 @@ def one_thread():
 @pytest.fixture
 def config() -> Blip2Config:
     return tiny_config()
+
+
+@pytest.fixture(scope="module")
+def arrays() -> list[np.ndarray]:
+    """Three uint8 HWC images of different sizes (none square, so the resize matters)."""
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 256, size=shape, dtype=np.uint8) for shape in ((40, 30, 3), (28, 52, 3), (64, 48, 3))]
+
+
+@pytest.fixture(scope="module")
+def llama():
+    """A random tiny LlamaForCausalLM (``llm_fixtures.tiny_llama``), one per test module."""
+    from llm_fixtures import tiny_llama
+
+    return tiny_llama()

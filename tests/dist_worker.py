@@ -14,8 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from blip2 import Blip2Qformer  # noqa: E402
 from blip2.engine import distributed  # noqa: E402
 from blip2.engine.trainer import Trainer  # noqa: E402
-from tests.conftest import text_batch, tiny_config  # noqa: E402
-from tests.helpers import run_config  # noqa: E402
+from tests.helpers import run_config, text_batch, tiny_config  # noqa: E402
 
 
 def main(out_dir: Path, data_root: Path) -> None:

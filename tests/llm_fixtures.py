@@ -31,7 +31,7 @@ def captions(count: int = 400, seed: int = 0) -> list[str]:
 def train_sentencepiece(path: Path, vocab_size: int = VOCAB) -> Path:
     """A BPE ``tokenizer.model`` set up as Llama's and Baichuan's: <unk>=0 <s>=1 </s>=2, byte fallback, no
     normalisation, whitespace kept, a dummy prefix."""
-    from blip2.engine.text_pretrain import train_sentencepiece as train
+    from blip2.engine.tasks.stage2 import train_sentencepiece as train
 
     return train(captions(), path, vocab_size, byte_fallback=True, split_digits=True,
                  normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True)

@@ -200,7 +200,7 @@ def test_item15_stage1_pipeline_finds_the_processor_of_a_loaded_model(model_fold
 @pytest.fixture(scope="module")
 def hf_stage2_folder(tmp_path_factory):
     """transformers' Blip2ForConditionalGeneration (tiny OPT) saved with its tokenizer, as the README's blip2-opt."""
-    from blip2.llm import load_llm_tokenizer
+    from blip2.processing.llm_tokenizer import load_llm_tokenizer
     from llm_fixtures import VOCAB, write_byte_level_bpe
     from weights_fixtures import build_hf_generation
 

@@ -141,7 +141,7 @@ def test_item19_every_shipped_config_still_loads():
 
 @pytest.fixture(scope="module")
 def stage2_folder(tmp_path_factory):
-    from blip2.llm import load_llm_tokenizer
+    from blip2.processing.llm_tokenizer import load_llm_tokenizer
     from llm_fixtures import VOCAB, write_byte_level_bpe
     from weights_fixtures import build_hf_generation
 

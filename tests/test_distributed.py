@@ -13,8 +13,7 @@ import torch
 
 from blip2 import Blip2Qformer
 from blip2.engine.trainer import Trainer
-from tests.conftest import text_batch, tiny_config
-from tests.helpers import run_config, shapes_data
+from tests.helpers import run_config, shapes_data, text_batch, tiny_config
 
 
 def free_port() -> int:

@@ -15,8 +15,7 @@ from blip2.engine.metrics import retrieval_metrics, topk_accuracy
 from blip2.engine.optim import parameter_groups, warmup_cosine_lr
 from blip2.engine.retrieval import rerank_scores
 from blip2.engine.trainer import NonFiniteLossError, Trainer
-from tests.conftest import text_batch, tiny_config
-from tests.helpers import run_config, shapes_data
+from tests.helpers import run_config, shapes_data, text_batch, tiny_config
 
 
 def brute_force_recall(score_i2t, score_t2i, img2txt, txt2img):

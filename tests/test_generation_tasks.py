@@ -10,9 +10,9 @@ import torch
 
 from blip2.config import Blip2Config
 from blip2.data import ImageCaptionLMCollator
-from blip2.engine.text_pretrain import train_caption_llm
+from blip2.cli.demo import train_caption_llm
 from blip2.engine.trainer import Trainer
-from blip2.llm import load_llm_tokenizer
+from blip2.processing.llm_tokenizer import load_llm_tokenizer
 from blip2.models import Blip2Qformer
 from tests.helpers import run_config, shapes_data
 
@@ -41,7 +41,7 @@ def stage1_model_config() -> dict:
 def stage2_run_config(data, root, tmp_path, max_steps: int = 30, prompt: str = "") -> dict:
     config = run_config(data.root, tmp_path / "out", max_steps=max_steps, batch_size=8, learning_rate=3e-3)
     model_config = {**stage1_model_config(), "checkpoint_name_or_path": str(root / "stage1"),
-                    "text_config": {"checkpoint_name_or_path": str(root / "llm"), "seq_length": 48}}
+                    "text_config": {"checkpoint_name_or_path": str(root / "llm" / "model"), "seq_length": 48}}
     config["model"] = {"arch": {"type": "Blip2ImageToTextGeneration"}, "model_config": model_config}
     config["trainer"] = {"type": "contrastive_language_image_pretrain"}  # the seed's name for both stages
     config["train_dataset"]["tokenizer"] = {"max_length": 16}
@@ -59,7 +59,7 @@ def test_caption_lm_learns_the_captions(stage2_setup):
 
 def test_collator_masks_prompt_bos_and_padding_and_appends_eos(stage2_setup):
     _, root, _ = stage2_setup
-    tokenizer = load_llm_tokenizer(root / "llm")
+    tokenizer = load_llm_tokenizer(root / "llm" / "model")
     collate = ImageCaptionLMCollator(lambda images, train, seeds: {"pixel_values": torch.zeros(len(images), 3, 4, 4)},
                                      tokenizer, max_length=16, prompt="a photo of", train=False)
     items = [{"image": None, "caption": "a photo of a red circle.", "index": 0},

@@ -12,8 +12,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from blip2.llm import (BLIP2_TEXT_KEYS, LLMLoadError, SentencePieceTokenizer, UnsupportedLLMError, load_causal_lm,
-                       load_llm_config, load_llm_tokenizer)
+from blip2.processing.llm_tokenizer import SentencePieceTokenizer, load_llm_tokenizer
+from blip2.weights.llm import BLIP2_TEXT_KEYS, LLMLoadError, UnsupportedLLMError, load_causal_lm, load_llm_config
 from blip2.weights import WeightLoadError
 from llm_fixtures import (VOCAB, baichuan_config_json, baichuan_state_dict, tiny_llama, tiny_llama_config,
                           write_baichuan, write_byte_level_bpe, write_llama)
@@ -26,11 +26,6 @@ TEXTS = ["a dog is running on the beach", "the cat sits near 42 snowy hills ✓"
 def logits(model) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=INPUT_IDS, attention_mask=ATTENTION_MASK).logits
-
-
-@pytest.fixture(scope="module")
-def llama():
-    return tiny_llama()
 
 
 @pytest.fixture(scope="module")

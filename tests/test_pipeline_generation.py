@@ -7,17 +7,16 @@ transformers' Blip2ForConditionalGeneration with OPT and a byte-level BPE tokeni
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from blip2 import Blip2ImageToTextGeneration, Blip2Qformer, pipeline
-from blip2.llm import load_llm_tokenizer
+from blip2.processing.llm_tokenizer import load_llm_tokenizer
 from blip2.models.base import init_bert_weights
 from blip2.pipelines import ImageToTextGenerationPipeline
 from blip2.processing import Blip2GenerationProcessor, Blip2ImageProcessor
-from conftest import tiny_config
+from tests.helpers import tiny_config
 from llm_fixtures import VOCAB, tiny_llama, write_byte_level_bpe, write_llama
 from weights_fixtures import NUM_QUERIES, build_hf_generation
 
@@ -28,13 +27,6 @@ OPT_IMAGE_TOKEN = VOCAB  # one id past the tokenizer's vocabulary, as <image> is
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run on one thread
-
-
-@pytest.fixture(scope="module")
-def arrays() -> list[np.ndarray]:
-    """Three uint8 HWC images of different sizes (none square, so the resize matters)."""
-    rng = np.random.default_rng(0)
-    return [rng.integers(0, 256, size=shape, dtype=np.uint8) for shape in ((40, 30, 3), (28, 52, 3), (64, 48, 3))]
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from blip2 import Blip2Qformer, pipeline
 from blip2.models.stage1 import init_bert_weights
 from blip2.pipelines import ImageTextRetrievalPipeline, ZeroShotImageClassificationPipeline
 from blip2.processing import Blip2ImageProcessor, Blip2Processor, load_tokenizer
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 LABELS = ["cat", "dog", "red square", "tree", "toy car"]
 TEMPLATE = "This is a photo of {}."
@@ -34,13 +34,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run 
 @pytest.fixture(scope="module")
 def model() -> Blip2Qformer:
     return tiny_model()
-
-
-@pytest.fixture(scope="module")
-def arrays() -> list[np.ndarray]:
-    """Three uint8 HWC images of different sizes (none square, so the resize matters)."""
-    rng = np.random.default_rng(0)
-    return [rng.integers(0, 256, size=shape, dtype=np.uint8) for shape in ((40, 30, 3), (28, 52, 3), (64, 48, 3))]
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from blip2.processing import (
     random_resized_crop_params,
 )
 from blip2.processing.tokenizer import DEFAULT_VOCAB_FILE
-from blip2.registry import CLIP_MEAN, CLIP_STD, get_preset
+from blip2.registry import CLIP_MEAN, CLIP_STD
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +187,7 @@ def test_image_processor_save_and_load_round_trip(tmp_path) -> None:
 def test_image_processor_from_preset_and_config_yaml(tmp_path) -> None:
     assert Blip2ImageProcessor.from_pretrained("blip2_tiny").image_size == 32
     assert Blip2ImageProcessor.from_pretrained("blip2_stage1_vit_g").image_size == 224
-    get_preset("blip2_tiny").config().save_pretrained(tmp_path)
+    Blip2Config.from_pretrained("blip2_tiny").save_pretrained(tmp_path)
     assert Blip2ImageProcessor.from_pretrained(tmp_path).image_size == 32
     with pytest.raises(FileNotFoundError, match="blip2_tiny"):
         Blip2ImageProcessor.from_pretrained("no_such_preset")

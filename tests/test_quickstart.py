@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from blip2.demo import run_demo
+from blip2.cli.demo import run_demo
 from blip2.engine.metrics import retrieval_metrics
 
 
@@ -24,6 +24,7 @@ def chance_r_mean(num_images: int, captions_per_image: int, trials: int = 20) ->
     ]))
 
 
+@pytest.mark.slow
 def test_ci_sized_demo_beats_three_times_chance(tmp_path):
     results = run_demo(tmp_path / "demo", steps=150, device="cpu", num_train=400, num_test=40, images_per_class=5,
                        batch_size=32, stage2_steps=40, llm_steps=60)
@@ -37,6 +38,7 @@ def test_ci_sized_demo_beats_three_times_chance(tmp_path):
     assert "Stage 2" in report and (tmp_path / "demo" / "stage2" / "model" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("BLIP2_FULL_QUICKSTART") != "1",
                     reason="the full quickstart trains ~5 minutes; run with BLIP2_FULL_QUICKSTART=1")
 def test_full_quickstart_reaches_80_percent_top1_and_r_mean_60_within_5_minutes(tmp_path):

@@ -21,20 +21,10 @@ import yaml
 from PIL import Image
 
 from blip2.cli import main
-from tests.helpers import shapes_data
+from tests.helpers import WritesAFile, shapes_data
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "blip2" / "run_blip2_quickstart.yaml"
-
-
-class WritesAFile:
-    """Unpickling this creates ``marker``: what a crafted file would do with a real payload."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (exec, (f"open({self.marker!r}, 'w').close()",))
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run on one thread

@@ -1,6 +1,6 @@
 """Issue 10, item 3: saving never loses a user's files.
 
-A save writes only the files blip2 owns (``blip2.weights.io.OWN_FILES``), each atomically; a folder holding other
+A save writes only the files blip2 owns (``blip2.files.OWN_FILES``), each atomically; a folder holding other
 files is refused unless ``overwrite=True`` (which still keeps them), and an output that is a regular file is refused.
 """
 
@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from blip2 import Blip2Processor, Blip2Qformer
-from blip2.weights import io, loader
-from blip2.weights.convert import main as convert
-from conftest import tiny_config
+from blip2 import files
+from blip2.weights import loader
+from blip2.cli.convert import main as convert
+from tests.helpers import tiny_config
 from weights_fixtures import build_hf_retrieval
 
 
@@ -36,7 +37,7 @@ def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 def test_item03_folder_with_user_files_is_refused_and_kept(model, tmp_path: Path) -> None:
     folder = _user_folder(tmp_path / "out")
-    with pytest.raises(io.OutputFolderError, match=r"holds files blip2 did not write \(notes\.txt\)") as info:
+    with pytest.raises(files.OutputFolderError, match=r"holds files blip2 did not write \(notes\.txt\)") as info:
         model.save_pretrained(folder)
     assert str(folder) in str(info.value) and "\n" not in str(info.value)
     assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
@@ -55,7 +56,7 @@ def test_item03_overwrite_writes_our_files_and_keeps_the_users(model, tmp_path: 
 def test_item03_output_that_is_a_file_is_refused_and_kept(model, tmp_path: Path, overwrite: bool) -> None:
     target = tmp_path / "out"
     target.write_text("a file of mine")
-    with pytest.raises(io.OutputFolderError, match=r"out is a file, not a folder") as info:
+    with pytest.raises(files.OutputFolderError, match=r"out is a file, not a folder") as info:
         model.save_pretrained(target, overwrite=overwrite)
     assert "\n" not in str(info.value)
     assert target.read_text() == "a file of mine"
@@ -83,7 +84,7 @@ def test_item03_resaving_into_our_own_folder_updates_it_in_place(model, tmp_path
 def test_item03_processor_refuses_a_folder_of_user_files(tmp_path: Path) -> None:
     folder = _user_folder(tmp_path / "out")
     processor = Blip2Processor.from_pretrained("blip2_tiny")
-    with pytest.raises(io.OutputFolderError, match="notes.txt"):
+    with pytest.raises(files.OutputFolderError, match="notes.txt"):
         processor.save_pretrained(folder)
     processor.save_pretrained(folder, overwrite=True)
     assert sorted(p.name for p in folder.iterdir()) == ["notes.txt", "preprocessor_config.json", "vocab.txt"]
@@ -108,8 +109,8 @@ def test_item03_every_file_a_save_writes_is_listed_as_ours(model, tmp_path: Path
     folder = tmp_path / "model"
     model.save_pretrained(folder)
     Blip2Processor.from_pretrained("blip2_tiny").save_pretrained(folder)
-    assert {p.name for p in folder.iterdir()} <= io.OWN_FILES
-    assert io.foreign_entries(folder) == []
+    assert {p.name for p in folder.iterdir()} <= files.OWN_FILES
+    assert files.foreign_entries(folder) == []
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +135,7 @@ def test_item03_convert_onto_a_user_folder_is_one_line_and_exit_2(hf_folder, tmp
 
 def test_item03_stage2_model_and_generation_processor_keep_user_files(tmp_path: Path) -> None:
     from blip2 import Blip2ImageToTextGeneration
-    from blip2.llm import load_llm_tokenizer
+    from blip2.processing.llm_tokenizer import load_llm_tokenizer
     from blip2.processing import Blip2GenerationProcessor, Blip2ImageProcessor
     from llm_fixtures import VOCAB, write_byte_level_bpe
 
@@ -145,9 +146,9 @@ def test_item03_stage2_model_and_generation_processor_keep_user_files(tmp_path: 
     processor = Blip2GenerationProcessor(Blip2ImageProcessor(30), load_llm_tokenizer(write_byte_level_bpe(
         tmp_path / "bpe", as_tokenizer_json=True)))
     folder = _user_folder(tmp_path / "out")
-    with pytest.raises(io.OutputFolderError, match="notes.txt"):
+    with pytest.raises(files.OutputFolderError, match="notes.txt"):
         model.save_pretrained(folder, include_llm=True)
-    with pytest.raises(io.OutputFolderError, match="notes.txt"):
+    with pytest.raises(files.OutputFolderError, match="notes.txt"):
         processor.save_pretrained(folder)
     assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
     for _ in range(2):  # the second time over our own files
@@ -155,7 +156,7 @@ def test_item03_stage2_model_and_generation_processor_keep_user_files(tmp_path: 
         processor.save_pretrained(folder, overwrite=True)
     names = sorted(p.name for p in folder.iterdir())
     assert "notes.txt" in names and "tokenizer.json" in names and "preprocessor_config.json" in names, names
-    assert io.foreign_entries(folder) == ["notes.txt"]
+    assert files.foreign_entries(folder) == ["notes.txt"]
     assert load_llm_tokenizer(folder).get_vocab() == processor.tokenizer.get_vocab()
 
 
@@ -166,7 +167,7 @@ def test_item03_config_and_image_processor_saves_respect_the_users_folder(model,
     save = (model.config.save_pretrained if saver == "config"
             else Blip2ImageProcessor(30, (0.5, 0.5, 0.5), (0.2, 0.2, 0.2)).save_pretrained)
     folder = _user_folder(tmp_path / "out")
-    with pytest.raises(io.OutputFolderError, match="notes.txt"):
+    with pytest.raises(files.OutputFolderError, match="notes.txt"):
         save(folder)
     assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
     save(folder, overwrite=True)
@@ -186,7 +187,7 @@ def test_item03_a_full_disk_is_one_line_and_keeps_the_old_files(model, tmp_path:
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(loader, "save_file", full)
-    with pytest.raises(io.OutputWriteError, match=r"could not write .*model: no space left on device") as info:
+    with pytest.raises(files.OutputWriteError, match=r"could not write .*model: no space left on device") as info:
         model.save_pretrained(folder)
     assert "\n" not in str(info.value)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before

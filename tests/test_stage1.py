@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from blip2 import Blip2Qformer
 from blip2.nn.attention import Attention
 from blip2.nn.qformer import build_attention_mask
-from tests.conftest import text_batch, tiny_config
+from tests.helpers import text_batch, tiny_config
 
 
 def smoothed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, smoothing: float) -> torch.Tensor:

@@ -13,7 +13,7 @@ from blip2.config import ConfigError
 from blip2.models.stage2 import IGNORE_INDEX
 from blip2.weights import WeightLoadError
 from blip2.weights.lavis import to_lavis
-from conftest import tiny_config
+from tests.helpers import tiny_config
 from weights_fixtures import NUM_QUERIES, VOCAB, build_hf_generation, pixels, save_torch, saved_stage1
 
 ATOL = 1e-4
@@ -318,7 +318,7 @@ def test_include_llm_writes_a_self_contained_folder(ours_opt, tmp_path):
 
 
 def test_convert_transformers_generation_folder_writes_a_stage2_folder(hf_opt, ours_opt, tmp_path, capsys):
-    from blip2.weights.convert import main as convert
+    from blip2.cli.convert import main as convert
 
     code = convert(["--from", "hf", "--input", str(hf_opt[1]), "--output", str(tmp_path / "converted")])
     assert code == 0, capsys.readouterr().err

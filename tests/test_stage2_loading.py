@@ -12,9 +12,9 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
 from blip2 import Blip2ImageToTextGeneration
-from blip2 import llm
+from blip2.weights import llm
 from blip2.weights import WeightLoadError
-from conftest import tiny_config
+from tests.helpers import tiny_config
 from weights_fixtures import build_hf_generation, pixels, saved_stage1
 
 LLAMA_TEXT = {"model_type": "llama", "vocab_size": 90, "hidden_size": 24, "num_hidden_layers": 2,
@@ -26,7 +26,7 @@ HF_FC1 = "language_model.model.decoder.layers.0.fc1.weight"
 
 @dataclass
 class LLMBuildSpy:
-    """How the LLM was built: ``_build_random`` calls, and the devices of the parameters transformers' init touched."""
+    """How the LLM was built: ``build_random_causal_lm`` calls, and the devices of the parameters transformers' init touched."""
 
     random_builds: int = 0
     init_devices: set[str] = field(default_factory=set)
@@ -35,7 +35,7 @@ class LLMBuildSpy:
 @pytest.fixture
 def spy(monkeypatch) -> LLMBuildSpy:
     record = LLMBuildSpy()
-    build_random, initialize = llm._build_random, PreTrainedModel._initialize_weights
+    build_random, initialize = llm.build_random_causal_lm, PreTrainedModel._initialize_weights
 
     def spy_build_random(*args, **kwargs):
         record.random_builds += 1
@@ -45,7 +45,7 @@ def spy(monkeypatch) -> LLMBuildSpy:
         record.init_devices.update(param.device.type for param in module.parameters(recurse=False))
         return initialize(self, module, *args, **kwargs)
 
-    monkeypatch.setattr(llm, "_build_random", spy_build_random)
+    monkeypatch.setattr(llm, "build_random_causal_lm", spy_build_random)
     monkeypatch.setattr(PreTrainedModel, "_initialize_weights", spy_initialize)
     return record
 

@@ -15,8 +15,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from blip2.data.shapes import COLOURS, SHAPES
-from blip2.engine.text_pretrain import train_caption_llm, training_row
-from blip2.llm import load_llm_tokenizer
+from blip2.cli.demo import train_caption_llm
+from blip2.engine.tasks.stage2 import training_row
+from blip2.processing.llm_tokenizer import load_llm_tokenizer
 from blip2.processing.text import clean_caption
 from tests.helpers import shapes_data
 
@@ -42,6 +43,7 @@ def next_word_accuracy(lm, tokenizer, records, words, field: str, with_context: 
     return hits / total
 
 
+@pytest.mark.slow  # the module fixture trains the caption LM (~25 s)
 @pytest.mark.parametrize("field,words", [("colour", list(COLOURS)), ("shape", list(SHAPES))])
 def test_caption_lm_copies_colour_and_shape_from_its_context(caption_lm, field, words):
     lm, tokenizer, records = caption_lm
@@ -57,8 +59,8 @@ def caption_lm(tmp_path_factory):
     root = tmp_path_factory.mktemp("caption_lm")
     data = shapes_data(root / "shapes", num_train=600, num_test=40, captions_per_image=3, images_per_class=1)
     texts = [clean_caption(r["caption"]) for r in json.loads((data.root / data.train_annotation).read_text())]
-    train_caption_llm(texts, root / "llm", steps=600)
+    folder = train_caption_llm(texts, root / "llm", steps=600)["folder"]
     tests = json.loads((data.root / data.test_annotation).read_text())
     records = [{**record, "caption": caption} for record in tests for caption in record["caption"]]
-    lm = AutoModelForCausalLM.from_pretrained(root / "llm").eval()
-    return lm, load_llm_tokenizer(root / "llm"), records
+    lm = AutoModelForCausalLM.from_pretrained(folder).eval()
+    return lm, load_llm_tokenizer(folder), records

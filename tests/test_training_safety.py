@@ -25,7 +25,7 @@ from blip2.engine.checkpoint import CheckpointError, latest_checkpoint, list_che
 from blip2.engine.run_config import RunConfig
 from blip2.engine.tasks import PretrainTask
 from blip2.engine.trainer import NonFiniteLossError, Trainer
-from tests.helpers import run_config, shapes_data
+from tests.helpers import WritesAFile, run_config, shapes_data
 
 
 @pytest.fixture(scope="module")
@@ -45,16 +45,6 @@ def make_trainer(data_root, output_dir, max_steps, save_steps=0, overwrite=False
 def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(x, y), f"{name} differs"
-
-
-class WritesAFile:
-    """Unpickling this creates ``marker``: what a crafted checkpoint would do with a real payload."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (exec, (f"open({self.marker!r}, 'w').close()",))
 
 
 @pytest.mark.parametrize("target", ["trainer_state.pt", "rng_rank0.pt"])

@@ -24,7 +24,7 @@ from blip2.engine.run_config import DatasetConfig, RunConfig, RunnerConfig
 from blip2.processing import ImageLoadError
 from blip2.processing.image import load_image
 from blip2.weights import WeightLoadError, read_state_dict
-from conftest import tiny_config
+from tests.helpers import tiny_config
 
 
 def _one_line(error: BaseException) -> str:

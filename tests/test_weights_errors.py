@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from blip2 import Blip2Config, Blip2Qformer
 from blip2.config import QformerConfig, ViTConfig
 from blip2.weights import WeightLoadError
-from blip2.weights.convert import main as convert
+from blip2.cli.convert import main as convert
 from blip2.weights.lavis import to_lavis
 from weights_fixtures import save_torch, saved_stage1
 

@@ -224,7 +224,7 @@ def test_unsupported_activation_is_named(retrieval, tmp_path):
 
 
 def test_convert_hf_folder_writes_our_folder(retrieval, ours, tmp_path, capsys):
-    from blip2.weights.convert import main as convert
+    from blip2.cli.convert import main as convert
 
     code = convert(["--from", "hf", "--input", str(retrieval[1]), "--output", str(tmp_path / "converted")])
     assert code == 0, capsys.readouterr().err

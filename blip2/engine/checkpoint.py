@@ -119,6 +119,22 @@ def _write_error(folder: Path, error: BaseException, needed: int) -> CheckpointE
     return CheckpointError(f"could not write checkpoint {folder}: {reason}; earlier checkpoints are intact")
 
 
+class TransformersConfig:
+    """A plain transformers model's config where a checkpoint keeps its config (JSON, which YAML reads too)."""
+
+    def __init__(self, config) -> None:
+        self.config = config
+
+    def to_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(self.config.to_json_string(), encoding="utf-8")
+
+
+def checkpoint_config(model: torch.nn.Module):
+    """What writes the checkpoint's config.yaml: the model's own config, or a transformers config's JSON."""
+    config = model.config
+    return config if hasattr(config, "to_yaml") else TransformersConfig(config)
+
+
 def save_checkpoint(output_dir: str | Path, step: int, model: torch.nn.Module, trainer_state: dict[str, Any],
                     save_total_limit: int = 0, rng: dict[str, Any] | None = None) -> Path:
     """Every rank writes its RNG state (``rng``, default: the current one); rank 0 writes the rest and publishes the
@@ -146,7 +162,7 @@ def save_checkpoint(output_dir: str | Path, step: int, model: torch.nn.Module, t
             error = err
         if distributed.all_true(error is None) and distributed.is_main_process():
             try:
-                save_pretrained(model, staging / "model")
+                save_pretrained(model, staging / "model", config=checkpoint_config(model))
                 torch.save(trainer_state, staging / TRAINER_STATE)
                 shutil.rmtree(final, ignore_errors=True)
                 staging.rename(final)

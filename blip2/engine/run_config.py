@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from blip2.config import Blip2Config, ConfigError, _ConfigBase
+from blip2.config import Blip2Config, ConfigBase, ConfigError
 
 RUN_MODES = ("train", "eval", "predict")
 # the names each ``type`` key accepts (the seed's names first); anything else is an error naming these
@@ -35,7 +35,7 @@ def _check_choice(key: str, value: Any, valid: tuple[str, ...]) -> None:
 
 
 @dataclass
-class DataLoaderConfig(_ConfigBase):
+class DataLoaderConfig(ConfigBase):
     type: str = "MultiImgCapDataLoader"  # or ImageFolderDataset, Cifar100DataLoader (see DATA_LOADER_TYPES)
     dataset_dir: str = ""
     annotation_files: list[str] = field(default_factory=list)
@@ -46,26 +46,26 @@ class DataLoaderConfig(_ConfigBase):
     fine_label: bool = True  # CIFAR-100: fine (100) or coarse (20) labels
     hypothesis_template: str | None = None  # zero-shot classification prompt, e.g. "a picture of {}"
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         _check_choice("data_loader.type", self.type, DATA_LOADER_TYPES)
         if self.on_error not in ("skip", "raise"):
             raise ConfigError(f"data_loader.on_error={self.on_error!r} must be 'skip' or 'raise'")
 
 
 @dataclass
-class TextTransformConfig(_ConfigBase):
+class TextTransformConfig(ConfigBase):
     type: str = "CaptionTransform"  # clean_caption (LAVIS blip_caption) with the prompt and word limit below
     prompt: str = ""
     max_words: int = 50
     # the seed's second name for tokenizer.max_length (the token ids' length): when given it must agree with it
     max_length: int | None = None
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         _check_choice("text_transforms.type", self.type, TEXT_TRANSFORM_TYPES)
 
 
 @dataclass
-class TokenizerConfig(_ConfigBase):
+class TokenizerConfig(ConfigBase):
     # None: what the model reads (BertTokenizer for stage 1, the LLM's own for stage 2); given, it must fit the model
     type: str | None = None
     max_length: int = 32
@@ -74,14 +74,14 @@ class TokenizerConfig(_ConfigBase):
     vocab_file: str | None = None
     padding: str = "max_length"
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         if self.type is not None:
             _check_choice("tokenizer.type", self.type, TOKENIZER_TYPES)
         _check_choice("tokenizer.padding", self.padding, PADDING)
 
 
 @dataclass
-class DatasetConfig(_ConfigBase):
+class DatasetConfig(ConfigBase):
     """One data set section of a run YAML (``train_dataset`` / ``eval_dataset``)."""
 
     data_loader: DataLoaderConfig = field(default_factory=DataLoaderConfig)
@@ -98,13 +98,10 @@ class DatasetConfig(_ConfigBase):
     image_size: int | None = None
     augment: bool = True  # training images: random resized crop (scale 0.5-1) + horizontal flip, as LAVIS
 
-    _nested = {"data_loader": DataLoaderConfig, "text_transforms": TextTransformConfig,
-               "tokenizer": TokenizerConfig}
+    nested: ClassVar[dict[str, type]] = {"data_loader": DataLoaderConfig, "text_transforms": TextTransformConfig,
+                                         "tokenizer": TokenizerConfig}
 
-    def __post_init__(self) -> None:
-        for name, cls in self._nested.items():
-            if isinstance(getattr(self, name), dict):
-                setattr(self, name, cls.from_dict(getattr(self, name), where=name))
+    def validate(self) -> None:
         given = self.text_transforms.max_length
         if given is not None and given != self.tokenizer.max_length:
             raise ConfigError(
@@ -118,18 +115,17 @@ class DatasetConfig(_ConfigBase):
 
 
 @dataclass
-class ModelSection(_ConfigBase):
+class ModelSection(ConfigBase):
     model_config: Blip2Config = field(default_factory=Blip2Config)
     arch: dict[str, Any] = field(default_factory=lambda: {"type": "Blip2Qformer"})
     # fresh stage-1 training starts from these (the seed's vit_g_p16 and bert_base_uncased checkpoints)
     vit_checkpoint: str | None = None  # EVA eva_vit_g.pth
     bert_checkpoint: str | None = None  # a Hugging Face bert-base-uncased folder: initialises the Q-Former
 
-    _nested = {"model_config": Blip2Config}
+    nested: ClassVar[dict[str, type]] = {"model_config": Blip2Config}
+    section_name: ClassVar[str] = "model"
 
-    def __post_init__(self) -> None:
-        if isinstance(self.model_config, dict):
-            self.model_config = Blip2Config.from_dict(self.model_config, where="model.model_config")
+    def validate(self) -> None:
         if not isinstance(self.arch, dict) or set(self.arch) - {"type"}:
             keys = sorted(self.arch) if isinstance(self.arch, dict) else self.arch
             raise ConfigError(f"model.arch={keys!r}: only 'type' is read (one of "
@@ -142,7 +138,7 @@ class ModelSection(_ConfigBase):
 
 
 @dataclass
-class TrainerSection(_ConfigBase):
+class TrainerSection(ConfigBase):
     type: str = "contrastive_language_image_pretrain"  # the task
     model_name: str | None = None  # a preset name: its config and weights when model.model_config is absent
 
@@ -155,7 +151,7 @@ def _check_at_least(owner: str, minimum: int, **values: int | float | None) -> N
 
 
 @dataclass
-class RunnerConfig(_ConfigBase):
+class RunnerConfig(ConfigBase):
     epochs: int = 1
     batch_size: int = 8  # per process
     max_steps: int = -1  # stop after this many optimizer steps; 0 or -1: epochs decide
@@ -166,7 +162,7 @@ class RunnerConfig(_ConfigBase):
     save_total_limit: int = 2  # checkpoints kept (0: all)
     eval_batch_size: int | None = None
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         _check_at_least("runner_config", 1, batch_size=self.batch_size, log_interval=self.log_interval,
                         gradient_accumulation_steps=self.gradient_accumulation_steps,
                         eval_batch_size=self.eval_batch_size)
@@ -183,20 +179,20 @@ class RunnerConfig(_ConfigBase):
 
 
 @dataclass
-class OptimizerConfig(_ConfigBase):
+class OptimizerConfig(ConfigBase):
     type: str = "adamw"  # AdamW (OPTIMIZER_TYPES: the seed's AdamWeightDecay is the same optimizer)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-8
     weight_decay: float = 0.05
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         _check_choice("optimizer.type", self.type, OPTIMIZER_TYPES)
         if not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2:
             raise ConfigError(f"optimizer.betas={self.betas!r} must be two numbers [beta1, beta2]")
 
 
 @dataclass
-class LrScheduleConfig(_ConfigBase):
+class LrScheduleConfig(ConfigBase):
     type: str = "cosine"  # linear warm-up, then cosine to lr_end (LR_SCHEDULE_TYPES)
     learning_rate: float = 1e-4
     lr_end: float = 1e-5
@@ -204,25 +200,25 @@ class LrScheduleConfig(_ConfigBase):
     warmup_steps: int = 0
     total_steps: int = -1  # -1: derived from epochs and the data set
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         _check_choice("lr_schedule.type", self.type, LR_SCHEDULE_TYPES)
 
 
 @dataclass
-class ParallelConfig(_ConfigBase):
+class ParallelConfig(ConfigBase):
     """The seed's ``parallel`` section. Under torchrun the Trainer always runs data parallel (DDP: NCCL on GPU, gloo on
     CPU), which averages gradients over processes; ``gradients_mean: true`` says so and ``false`` is refused."""
 
     gradients_mean: bool = True
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         if self.gradients_mean is not True:
             raise ConfigError(f"parallel.gradients_mean={self.gradients_mean!r} is not supported: data-parallel "
                               "training averages gradients over processes (scale learning_rate to change the step)")
 
 
 @dataclass
-class RunConfig(_ConfigBase):
+class RunConfig(ConfigBase):
     seed: int = 42
     run_mode: str = "train"
     output_dir: str = "./output"
@@ -239,14 +235,13 @@ class RunConfig(_ConfigBase):
     lr_schedule: LrScheduleConfig = field(default_factory=LrScheduleConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
-    _nested = {"trainer": TrainerSection, "model": ModelSection, "train_dataset": DatasetConfig,
-               "eval_dataset": DatasetConfig, "runner_config": RunnerConfig, "optimizer": OptimizerConfig,
-               "lr_schedule": LrScheduleConfig, "parallel": ParallelConfig}
+    nested: ClassVar[dict[str, type]] = {
+        "trainer": TrainerSection, "model": ModelSection, "train_dataset": DatasetConfig,
+        "eval_dataset": DatasetConfig, "runner_config": RunnerConfig, "optimizer": OptimizerConfig,
+        "lr_schedule": LrScheduleConfig, "parallel": ParallelConfig,
+    }
 
-    def __post_init__(self) -> None:
-        for name, cls in self._nested.items():
-            if isinstance(getattr(self, name), dict):
-                setattr(self, name, cls.from_dict(getattr(self, name), where=name))
+    def validate(self) -> None:
         for name in ("train_dataset", "eval_dataset"):
             if getattr(self, name) is not None:
                 getattr(self, name).check_numbers(name)

@@ -31,17 +31,23 @@ from blip2.engine import checkpoint as ckpt
 from blip2.engine import distributed
 from blip2.engine.optim import WarmupCosineSchedule, build_optimizer
 from blip2.engine.output_dir import check_writable, truncate_log
-from blip2.engine.run_config import (DATA_LOADER_TYPES, STAGE1_ARCHS, STAGE1_TOKENIZER_TYPES, STAGE2_ARCHS,
-                                     DatasetConfig, RunConfig)
+from blip2.engine import build
+from blip2.engine.run_config import DatasetConfig, RunConfig
 from blip2.engine.sampler import ResumableDistributedSampler
 from blip2.engine.tasks import Task, get_task
-from blip2.weights.io import OutputWriteError, check_output_folder
+from blip2.files import OutputWriteError, check_output_folder
 
 logger = logging.getLogger("blip2")
 
 
 class NonFiniteLossError(FloatingPointError):
     """A loss became NaN or infinite; the message names the step and each loss part."""
+
+
+# an item's augmentation seed mixes (run seed, epoch, index) with two primes, so no two of them share a seed
+SEED_PRIME = 1_000_003
+EPOCH_PRIME = 10_000_019
+MIN_ELAPSED_S = 1e-9  # guards the throughput's division
 
 
 class EpochSeeded(Dataset):
@@ -59,7 +65,7 @@ class EpochSeeded(Dataset):
     def __getitem__(self, index: int):
         item = self.dataset[index]
         if item is not None:
-            item = dict(item, seed=(self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
+            item = dict(item, seed=(self.seed * SEED_PRIME + self.epoch) * EPOCH_PRIME + index)
         return item
 
 
@@ -116,29 +122,6 @@ class _TrainRun:
         return {"optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
                 "scaler": self.scaler.state_dict(), "step": trainer.global_step, "epoch": epoch,
                 "batches_in_epoch": batches, "num_skipped": num_skipped, "config": trainer.config.to_dict()}
-
-
-def vocab_file_of(dataset_cfg: DatasetConfig | None) -> Path | None:
-    """The data set section's vocabulary file; a relative path is read from its dataset_dir."""
-    if dataset_cfg is None or not dataset_cfg.tokenizer.vocab_file:
-        return None
-    path = Path(dataset_cfg.tokenizer.vocab_file).expanduser()
-    return path if path.is_absolute() else Path(dataset_cfg.data_loader.dataset_dir).expanduser() / path
-
-
-def check_tokenizer_fits(tokenizer, config: Blip2Config) -> None:
-    """A Q-Former tokenizer must agree with the model's vocabulary size and [DEC] / [SEP] / [PAD] ids."""
-    qformer = config.qformer_config
-    expected = {"bos_token_id ([DEC])": (tokenizer.bos_token_id, qformer.bos_token_id),
-                "sep_token_id ([SEP])": (tokenizer.sep_token_id, qformer.sep_token_id),
-                "pad_token_id ([PAD])": (tokenizer.pad_token_id, qformer.pad_token_id)}
-    wrong = [f"{name} is {got} in the tokenizer but {want} in qformer_config" for name, (got, want) in expected.items()
-             if got is not None and got != want]
-    if len(tokenizer) > qformer.vocab_size:
-        wrong.append(f"the tokenizer has {len(tokenizer)} tokens but qformer_config.vocab_size is {qformer.vocab_size}")
-    if wrong:
-        raise ValueError("tokenizer and model do not fit: " + "; ".join(wrong) + " (set tokenizer.vocab_file or "
-                         "model_config.qformer_config to match)")
 
 
 def seed_everything(seed: int) -> None:
@@ -208,7 +191,7 @@ class Trainer:
     class names or captions. A run that only predicts therefore never reads the data sets' paths.
     """
 
-    def __init__(self, task: str | None = None, model: torch.nn.Module | str | os.PathLike | None = None,
+    def __init__(self, task: str | Task | None = None, model: torch.nn.Module | str | os.PathLike | None = None,
                  train_dataset: Dataset | None = None, eval_dataset: Dataset | None = None,
                  config: RunConfig | str | os.PathLike | dict | None = None, tokenizer=None, image_processor=None,
                  candidate_labels: list[str] | tuple[str, ...] | None = None, hypothesis_template: str | None = None,
@@ -223,21 +206,31 @@ class Trainer:
             if not hasattr(config, key):
                 raise ValueError(f"unknown Trainer option {key!r}")
             setattr(config, key, value)
-        if task is not None:
-            config.trainer.type = task
+        if task is not None:  # a task name, or a Task object (a task with options of its own)
+            config.trainer.type = task.name if isinstance(task, Task) else task
         if model_name is not None:  # the seed's Trainer(..., model_name=preset)
             config.trainer.model_name = model_name
         validate_tree(config)  # a config changed in code is checked as a loaded one is
         self.config = config
-        self.task: Task = get_task(config.trainer.type)
+        self.task: Task = task if isinstance(task, Task) else get_task(config.trainer.type)
         self.task_options = self._task_options(candidate_labels, hypothesis_template)
         self.device = self._pick_device(config.device)
         distributed.init_from_env(self.device)
         self.is_main = distributed.is_main_process()
         setup_logging(self.is_main)
         seed_everything(config.seed)
+        self._set_up_model(model)
+        self._set_up_processors(tokenizer, image_processor)
+        self._train_dataset = _UNBUILT if train_dataset is None else train_dataset
+        self._eval_dataset = _UNBUILT if eval_dataset is None else eval_dataset
+        self.output_dir = Path(config.output_dir)
+        self.global_step = 0
+        self.num_skipped = 0
+
+    def _set_up_model(self, model: torch.nn.Module | str | os.PathLike | None) -> None:
+        """The model given, or read from a preset name or a path, or built from the config; on the device."""
         if model is None:
-            model = self._build_model()
+            model = build.build_model(self.config, self.task.name)
         elif isinstance(model, (str, os.PathLike)):  # a preset name or a path, as from_pretrained takes them
             model = self._model_class(str(model)).from_pretrained(model)
         elif not isinstance(model, torch.nn.Module):
@@ -246,19 +239,23 @@ class Trainer:
         self.model.to(self.device)
         self.stage2 = hasattr(distributed.unwrap(self.model), "language_model")
         if self.stage2:
-            self.task = get_task(config.trainer.type, stage2=True)
-        self._check_tokenizer_types()
+            self.task = get_task(self.config.trainer.type, stage2=True)
+
+    def _set_up_processors(self, tokenizer, image_processor) -> None:
+        """The tokenizer (the LLM's in stage 2, else the Q-Former's) and the image processor, given or built."""
+        if not self.task.uses_blip2_model:  # a plain transformers model: its tokenizer is given, it reads no images
+            if tokenizer is None:
+                raise ValueError(f"task {self.task.name!r} needs tokenizer= (the model's own tokenizer)")
+            self.tokenizer, self.image_processor = tokenizer, image_processor
+            return
+        build.check_tokenizer_types(self.config, self.stage2)
+        raw_model = distributed.unwrap(self.model)
         if self.stage2:
-            self.tokenizer = tokenizer or self._llm_tokenizer()
+            self.tokenizer = tokenizer or build.llm_tokenizer(self.config, raw_model, self.model_source)
         else:
-            self.tokenizer = tokenizer or self._qformer_tokenizer()
-            check_tokenizer_fits(self.tokenizer, self.model_config)
-        self.image_processor = image_processor or self._image_processor()
-        self._train_dataset = _UNBUILT if train_dataset is None else train_dataset
-        self._eval_dataset = _UNBUILT if eval_dataset is None else eval_dataset
-        self.output_dir = Path(config.output_dir)
-        self.global_step = 0
-        self.num_skipped = 0
+            self.tokenizer = tokenizer or build.qformer_tokenizer(self.config, self.model_source)
+            build.check_tokenizer_fits(self.tokenizer, self.model_config)
+        self.image_processor = image_processor or build.image_processor(self.config, raw_model, self.model_source)
 
     # --- construction helpers ------------------------------------------------------------------------------------
     @staticmethod
@@ -287,155 +284,12 @@ class Trainer:
         return options
 
     def _model_class(self, source: str | None = None):
-        """Blip2ImageToTextGeneration for the stage-2 arch names (or a config with text_config), else Blip2Qformer.
-
-        Without a ``model`` section, a model named by ``source`` is built as its preset's group or its saved config
-        say (a config with text_config is stage 2), else as the task says (image-to-text generation: stage 2)."""
-        from blip2 import registry
-        from blip2.models import Blip2ImageToTextGeneration, Blip2Qformer
-
-        section = self.config.model
-        if section is not None:
-            if section.arch_type in STAGE2_ARCHS or section.model_config.text_config is not None:
-                return Blip2ImageToTextGeneration
-            return Blip2Qformer
-        if source is not None:
-            if source in registry.PRESETS:
-                return Blip2Qformer if registry.PRESETS[source].group == "stage1" else Blip2ImageToTextGeneration
-            with contextlib.suppress(FileNotFoundError, ValueError):
-                saved = Blip2Config.from_pretrained(source)
-                return Blip2Qformer if saved.text_config is None else Blip2ImageToTextGeneration
-        generation = self.task.name in ("image_to_text_generation", "image_to_text_generation_pretrain")
-        return Blip2ImageToTextGeneration if generation else Blip2Qformer
-
-    def _build_model(self) -> torch.nn.Module:
-        from blip2 import registry
-
-        cfg = self.config
-        model_config = cfg.model.model_config if cfg.model is not None else None
-        start = model_config.checkpoint_name_or_path if model_config else None
-        source = cfg.load_checkpoint or start
-        model_class = self._model_class(str(source or cfg.trainer.model_name or "") or None)
-        if source:
-            # folders and presets carry their own config and a LAVIS .pth none, so the YAML's serves for a .pth; and
-            # stage 2 starting from model_config.checkpoint_name_or_path (a stage-1 model) keeps the YAML's config
-            carries_config = not str(source).endswith((".pth", ".pt", ".bin"))
-            stage2_start = not cfg.load_checkpoint and model_class.preset_group != "stage1"
-            use_yaml = stage2_start or not carries_config
-            return model_class.from_pretrained(source, config=model_config if use_yaml else None)
-        if model_config is not None:
-            model = model_class(model_config)
-            self._initialise_from_parts(model)
-            preset = registry.PRESETS.get(cfg.trainer.model_name or "")
-            if model_config.freeze_vision and preset is not None and preset.files and not cfg.model.vit_checkpoint:
-                logger.warning("the frozen ViT has random weights: set model.vit_checkpoint (eva_vit_g.pth) or "
-                               "load_checkpoint to start from pretrained weights")
-            return model
-        if cfg.trainer.model_name:
-            return model_class.from_pretrained(cfg.trainer.model_name)
-        raise ValueError("no model: pass model=, or set load_checkpoint, model.model_config or trainer.model_name")
-
-    def _initialise_from_parts(self, model) -> None:
-        """A fresh stage-1 model: the ViT from an EVA checkpoint, the Q-Former from BERT (as LAVIS starts)."""
-        from blip2.weights import load_into
-        from blip2.weights.bert import init_qformer_from_bert
-        from blip2.weights.eva import read_vit_state
-
-        section = self.config.model
-        if section.vit_checkpoint:
-            state, dropped = read_vit_state(section.vit_checkpoint, model.config)
-            load_into(model, state, source=section.vit_checkpoint, allowed_missing=["*"], dropped=dropped)
-            logger.info("ViT loaded from %s", section.vit_checkpoint)
-        if section.bert_checkpoint:
-            report = init_qformer_from_bert(model, section.bert_checkpoint)
-            logger.info("Q-Former initialised from %s; %d tensors start fresh", section.bert_checkpoint,
-                        len(report.missing))
-        model.apply_freezing()
-
-    def _data_sections(self) -> list[tuple[str, DatasetConfig]]:
-        return [(name, cfg) for name in ("train_dataset", "eval_dataset")
-                if (cfg := getattr(self.config, name)) is not None]
-
-    def _check_tokenizer_types(self) -> None:
-        """A data set's ``tokenizer.type`` (when given) must be what the model reads: BertTokenizer word pieces for
-        the Q-Former (stage 1), the LLM's own tokenizer in stage 2."""
-        for name, cfg in self._data_sections():
-            kind = cfg.tokenizer.type
-            if kind is None:
-                continue
-            if not self.stage2 and kind not in STAGE1_TOKENIZER_TYPES:
-                raise ValueError(f"{name}.tokenizer.type={kind!r} does not fit a stage-1 model: the Q-Former reads "
-                                 f"{', '.join(STAGE1_TOKENIZER_TYPES)} word pieces")
-            if self.stage2 and kind in STAGE1_TOKENIZER_TYPES:
-                raise ValueError(f"{name}.tokenizer.type={kind!r} does not fit a stage-2 model: it reads the LLM's own "
-                                 "tokenizer (LlamaTokenizer or AutoTokenizer, read from the LLM's folder)")
-
-    def _given_vocab_files(self) -> list[tuple[str, Path]]:
-        return [(name, vocab) for name, cfg in self._data_sections() if (vocab := vocab_file_of(cfg)) is not None]
-
-    def _qformer_tokenizer(self):
-        """The Q-Former tokenizer: a data set's ``tokenizer.vocab_file`` that exists, else the vocab.txt saved with the
-        model (its folder, or its preset's under $BLIP2_HOME), else bert-base-uncased's shipped with blip2."""
-        from blip2.pipelines import saved_vocab
-        from blip2.processing import load_tokenizer
-
-        given = self._given_vocab_files()
-        for _, vocab in given:
-            if vocab.is_file():
-                return load_tokenizer(vocab)
-        saved = saved_vocab(self.model_source)
-        if given and saved is None:
-            name, vocab = given[0]
-            raise FileNotFoundError(
-                f"tokenizer vocabulary not found: {vocab} ({name}.tokenizer.vocab_file, read from its dataset_dir); "
-                "set it to null for the bert-base-uncased vocabulary shipped with blip2 (as "
-                "configs/blip2/run_blip2_tiny_own_data.yaml does for your own captions)")
-        if given:
-            logger.info("%s not found: using the vocabulary saved with the model, %s", given[0][1], saved)
-        return load_tokenizer(saved)
-
-    def _llm_tokenizer(self):
-        """Stage 2: a data set's tokenizer.vocab_file (a tokenizer folder or file) that exists, else the pipeline's
-        lookup: the LLM's folder, then the folder the model was read from."""
-        from blip2.pipelines import generation_processor
-
-        given = self._given_vocab_files()
-        folder = next((vocab.parent if vocab.is_file() else vocab for _, vocab in given if vocab.exists()), None)
-        try:
-            return generation_processor(distributed.unwrap(self.model), self.model_source, tokenizer=folder).tokenizer
-        except FileNotFoundError as error:
-            if not given or folder is not None:
-                raise
-            raise FileNotFoundError(f"{given[0][0]}.tokenizer.vocab_file {given[0][1]} does not exist, and {error}") \
-                from None
-
-    def _image_processor(self):
-        """The image processor saved with the model (its folder's preprocessor_config.json, or its preset's), else
-        one from the model's config: evaluation, prediction and pipelines preprocess one checkpoint the same way."""
-        from blip2.pipelines import image_processor_for
-
-        processor = image_processor_for(distributed.unwrap(self.model), self.model_source, seed=self.config.seed)
-        size = self.model_config.vision_config.image_size
-        for name, cfg in self._data_sections():
-            if cfg.image_size is not None and cfg.image_size != size:
-                raise ValueError(f"{name}.image_size={cfg.image_size} but the model reads {size}-pixel images "
-                                 "(model_config.vision_config.image_size): leave image_size unset or change the "
-                                 "model's")
-        if processor.image_size != size:
-            raise ValueError(f"the image processor saved with {self.model_source} resizes to {processor.image_size} "
-                             f"pixels but the model reads {size}-pixel images (vision_config.image_size)")
-        return processor
+        return build.model_class(self.config, self.task.name, source)
 
     @property
     def model_source(self) -> str | None:
         """Where ``from_pretrained`` read the model (a preset name or a path; ``model.name_or_path``), or None."""
         return getattr(distributed.unwrap(self.model), "name_or_path", None)
-
-    def _checkpoint_vocab(self) -> Path | None:
-        """The vocab.txt saved with the model (its folder, or its preset's folder under $BLIP2_HOME), if any."""
-        from blip2.pipelines import saved_vocab
-
-        return saved_vocab(self.model_source)
 
     @property
     def model_config(self) -> Blip2Config:
@@ -482,26 +336,9 @@ class Trainer:
         cfg = self.config.eval_dataset
         return cfg is not None and Path(cfg.data_loader.dataset_dir or ".").expanduser().is_dir()
 
-    def _build_dataset(self, cfg: DatasetConfig | None, train: bool) -> Dataset | None:
-        if cfg is None:
-            return None
-        from blip2 import data
-
-        loader = cfg.data_loader
-        root = str(Path(loader.dataset_dir).expanduser()) if loader.dataset_dir else loader.dataset_dir
-        if loader.type == "MultiImgCapDataLoader":
-            return data.MultiImgCapDataLoader(
-                root, loader.annotation_files, loader.image_dirs,
-                stage="train" if train else loader.stage if loader.stage == "eval" else "eval",
-                on_error=loader.on_error if train else None, prompt=cfg.text_transforms.prompt,
-                max_words=cfg.text_transforms.max_words,
-            )
-        if loader.type == "ImageFolderDataset":
-            return data.ImageFolderDataset(root)
-        if loader.type in ("Cifar100DataLoader", "Cifar100Dataset"):
-            split = loader.stage if loader.stage in ("train", "test") else "test"
-            return data.Cifar100Dataset(root, split=split, fine_label=loader.fine_label)
-        raise ValueError(f"unknown data_loader.type {loader.type!r}; available: {', '.join(DATA_LOADER_TYPES)}")
+    @staticmethod
+    def _build_dataset(cfg: DatasetConfig | None, train: bool) -> Dataset | None:
+        return build.build_dataset(cfg, train)
 
     def image_collator(self, train: bool):
         from blip2.data import ImageCollator
@@ -509,8 +346,9 @@ class Trainer:
         return ImageCollator(self.image_processor, train=train)
 
     def autocast(self):
-        """The model's compute-dtype autocast on this trainer's device."""
-        return distributed.unwrap(self.model).autocast(self.device)
+        """The model's compute-dtype autocast on this trainer's device (none for a model without one)."""
+        model = distributed.unwrap(self.model)
+        return model.autocast(self.device) if hasattr(model, "autocast") else contextlib.nullcontext()
 
     # --- training ------------------------------------------------------------------------------------------------
     def train(self, resume: bool | str | None = None) -> dict[str, float]:
@@ -595,7 +433,8 @@ class Trainer:
         schedule = WarmupCosineSchedule(optimizer, schedule_cfg.learning_rate, schedule_cfg.lr_end,
                                         schedule_cfg.warmup_lr_init, schedule_cfg.warmup_steps,
                                         schedule_cfg.total_steps if schedule_cfg.total_steps > 0 else total_steps)
-        use_scaler = self.device.type == "cuda" and self.model_config.compute_dtype == "float16"
+        compute_dtype = getattr(self.model_config, "compute_dtype", None)  # a plain transformers model has none
+        use_scaler = self.device.type == "cuda" and compute_dtype == "float16"
         return _TrainRun(raw_model=raw_model, dataset_cfg=dataset_cfg, batch_size=batch_size, seeded=seeded,
                          sampler=sampler, batches_per_epoch=batches_per_epoch, total_steps=total_steps,
                          optimizer=optimizer, schedule=schedule,
@@ -687,7 +526,8 @@ class Trainer:
             run.scaler.scale(losses["loss"] / self.config.runner_config.gradient_accumulation_steps).backward()
         # one device-to-host read per micro-step serves both the log window and the finiteness check
         values = dict(zip(losses, torch.stack([v.detach().float() for v in losses.values()]).tolist()))
-        self._accumulate(window, values, inputs["pixel_values"].shape[0])
+        samples = inputs["pixel_values"] if "pixel_values" in inputs else inputs["input_ids"]
+        self._accumulate(window, values, samples.shape[0])
         self._check_finite(values)
 
     def _optimizer_step(self, run: "_TrainRun") -> None:
@@ -728,12 +568,8 @@ class Trainer:
 
     def save_model(self, model, directory: Path) -> None:
         """The model plus what reads its inputs (image settings, vocabulary), so ``pipeline(model=directory)``
-        and ``from_pretrained(directory)`` need nothing else."""
-        from blip2.processing import Blip2Processor
-
-        model.save_pretrained(directory)
-        if not self.stage2:  # a stage-2 folder refers to its LLM's folder, which holds the tokenizer
-            Blip2Processor(self.image_processor, self.tokenizer, self.text_max_length).save_pretrained(directory)
+        and ``from_pretrained(directory)`` need nothing else (the task's ``save_model``)."""
+        self.task.save_model(self, model, directory)
 
     @staticmethod
     def _accumulate(window: dict, values: dict[str, float], images: int) -> None:
@@ -756,7 +592,7 @@ class Trainer:
         record = {"step": self.global_step, "epoch": epoch}
         record.update({name: total / max(1, window["count"]) for name, total in window["sums"].items()})
         record["lr"] = lr
-        record["img_per_s"] = window["images"] * distributed.world_size() / max(elapsed, 1e-9)
+        record["img_per_s"] = window["images"] * distributed.world_size() / max(elapsed, MIN_ELAPSED_S)
         record["skipped_images"] = self.num_skipped
         window.update(images=0, time=time.perf_counter(), sums={}, count=0)
         if self.is_main:

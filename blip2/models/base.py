@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 
 import torch
 from torch import nn
 
+from blip2 import registry
 from blip2.config import Blip2Config, QformerConfig
 from blip2.nn.qformer import Qformer, QformerOutput
 from blip2.nn.vit import VisionTransformer
+from blip2.weights import load_pretrained, save_pretrained
 
 
 def init_bert_weights(module: nn.Module, std: float = 0.02) -> None:
@@ -29,13 +30,13 @@ def init_bert_weights(module: nn.Module, std: float = 0.02) -> None:
             nn.init.zeros_(sub.bias)
 
 
-def init_qformer_weights(qformer: nn.Module, config: QformerConfig) -> None:
-    """BERT's initialisation with ``config.initializer_range``, then the cross-attention query and key projections
-    redrawn with ``config.cross_attention_init_std``."""
+def init_qformer_weights(qformer: Qformer, config: QformerConfig) -> None:
+    """BERT's initialisation with ``config.initializer_range``, then each cross-attention block's query and key
+    projections drawn with ``config.cross_attention_init_std`` (the scale of its initial attention logits)."""
     init_bert_weights(qformer, std=config.initializer_range)
-    for name, parameter in qformer.named_parameters():
-        if re.search(r"cross_attn\.attn\.[qk]_proj\.weight$", name):
-            nn.init.normal_(parameter, std=config.cross_attention_init_std)
+    for block in qformer.cross_attention_blocks():
+        nn.init.normal_(block.attn.q_proj.weight, std=config.cross_attention_init_std)
+        nn.init.normal_(block.attn.k_proj.weight, std=config.cross_attention_init_std)
 
 
 class Blip2PreTrainedModel(nn.Module):
@@ -85,8 +86,6 @@ class Blip2PreTrainedModel(nn.Module):
     @classmethod
     def show_support_list(cls) -> list[str]:
         """Print and return the preset names this class can be built from."""
-        from blip2 import registry
-
         names = registry.names(cls.preset_group)
         print(f"{cls.__name__} supports: {names}")
         return names
@@ -94,8 +93,6 @@ class Blip2PreTrainedModel(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, config: Blip2Config | None = None, **kwargs):
         """Build from a preset name, one of our folders, a Hugging Face BLIP-2 folder or a LAVIS ``.pth``."""
-        from blip2.weights import load_pretrained
-
         model = load_pretrained(cls, name_or_path, config=config, **kwargs)
         if model.name_or_path is None:  # a preset without weight files: its name still finds its processor
             model.name_or_path = str(name_or_path)
@@ -104,8 +101,6 @@ class Blip2PreTrainedModel(nn.Module):
     def save_pretrained(self, directory: str | os.PathLike, overwrite: bool = False) -> None:
         """Write ``config.yaml`` and ``model.safetensors`` to ``directory``; a folder holding files blip2 did not
         write is refused unless ``overwrite`` (which replaces only our files there and deletes nothing)."""
-        from blip2.weights import save_pretrained
-
         save_pretrained(self, directory, overwrite=overwrite)
 
     # --- freezing ------------------------------------------------------------------------------------------------

@@ -97,70 +97,88 @@ def beam_search(
 
     Finished hypotheses are scored by sum log-prob / length ** length_penalty; returns (B * num_return, T).
     """
-    total = bos.shape[0]
-    batch = total // num_beams
+    batch = bos.shape[0] // num_beams
     device = bos.device
     sequences = bos
     beam_scores = torch.zeros(batch, num_beams, device=device)
     beam_scores[:, 1:] = float("-inf")  # all beams start identical: expand only the first
-    beam_scores = beam_scores.view(-1)
-    finished: list[list[tuple[float, torch.Tensor]]] = [[] for _ in range(batch)]
-    done = [False] * batch
+    beams = _Beams(num_beams, eos_token_id, pad_token_id, length_penalty, batch, beam_scores.view(-1))
     next_ids = bos
-    while sequences.shape[1] < max_length and not all(done):
+    while sequences.shape[1] < max_length and not all(beams.done):
         logits, cache = step(next_ids, cache, sequences.shape[1] - 1)
         logits = _penalize(logits.float(), sequences, repetition_penalty)
         logits = _block_eos(logits, sequences.shape[1], min_length, eos_token_id)
-        log_probs = logits.log_softmax(-1) + beam_scores[:, None]  # (B*K, V)
-        vocab = log_probs.shape[-1]
-        log_probs = log_probs.view(batch, num_beams * vocab)
-        top_scores, top_index = log_probs.topk(2 * num_beams, dim=1)  # (B, 2K)
-        beam_index = top_index // vocab
-        token_index = top_index % vocab
-        new_length = sequences.shape[1] + 1
-        next_beams, next_tokens, next_scores = [], [], []
-        for b in range(batch):
-            chosen = 0
-            for score, beam, token in zip(top_scores[b].tolist(), beam_index[b].tolist(), token_index[b].tolist()):
-                source = b * num_beams + beam
-                if done[b]:
-                    next_beams.append(source)
-                    next_tokens.append(pad_token_id)
-                    next_scores.append(float("-inf") if chosen else 0.0)
-                    chosen += 1
-                elif token == eos_token_id:
-                    hypothesis = torch.cat((sequences[source], torch.tensor([token], device=device)))
-                    finished[b].append((score / new_length**length_penalty, hypothesis))
-                    continue
-                else:
-                    next_beams.append(source)
-                    next_tokens.append(token)
-                    next_scores.append(score)
-                    chosen += 1
-                if chosen == num_beams:
-                    break
-            if not done[b] and len(finished[b]) >= num_beams:
-                best_running = max(next_scores[-num_beams:]) / new_length**length_penalty
-                worst_kept = sorted((s for s, _ in finished[b]), reverse=True)[num_beams - 1]
-                done[b] = worst_kept >= best_running
-        index = torch.tensor(next_beams, device=device)
-        sequences = torch.cat((sequences.index_select(0, index), torch.tensor(next_tokens, device=device)[:, None]), 1)
-        beam_scores = torch.tensor(next_scores, device=device)
+        log_probs = logits.log_softmax(-1) + beams.scores[:, None]  # (B*K, V)
+        index, next_tokens = beams.advance(log_probs.view(batch, -1), log_probs.shape[-1], sequences)
+        sequences = torch.cat((sequences.index_select(0, index), next_tokens[:, None]), 1)
         cache = _reorder(cache, index)
         next_ids = sequences[:, -1:]
-    results: list[torch.Tensor] = []
-    for b in range(batch):
-        hypotheses = list(finished[b])
-        if not done[b]:
-            for k in range(num_beams):
-                row = b * num_beams + k
-                score = beam_scores[row].item()
-                if score > float("-inf"):
-                    hypotheses.append((score / sequences.shape[1] ** length_penalty, sequences[row]))
-        hypotheses.sort(key=lambda item: item[0], reverse=True)
-        results.extend(h for _, h in hypotheses[:num_return_sequences])
+    results = [hypothesis for b in range(batch) for hypothesis in beams.best(b, sequences, num_return_sequences)]
     longest = max(len(h) for h in results)
     out = torch.full((len(results), longest), pad_token_id, dtype=bos.dtype, device=device)
     for row, hypothesis in enumerate(results):
         out[row, : len(hypothesis)] = hypothesis
     return out
+
+
+class _Beams:
+    """The running beams' scores and each input's finished hypotheses (score / length ** length_penalty)."""
+
+    def __init__(self, num_beams: int, eos_token_id: int, pad_token_id: int, length_penalty: float, batch: int,
+                 scores: torch.Tensor) -> None:
+        self.num_beams, self.eos_token_id, self.pad_token_id = num_beams, eos_token_id, pad_token_id
+        self.length_penalty = length_penalty
+        self.scores = scores  # (B*K,)
+        self.finished: list[list[tuple[float, torch.Tensor]]] = [[] for _ in range(batch)]
+        self.done = [False] * batch
+
+    def advance(self, log_probs: torch.Tensor, vocab: int, sequences: torch.Tensor):
+        """Pick the next K beams of every input from its 2K best (beam, token) pairs; a pair ending in EOS becomes
+        a finished hypothesis instead. Returns the source rows (B*K,) and their new tokens (B*K,)."""
+        top_scores, top_index = log_probs.topk(2 * self.num_beams, dim=1)  # (B, 2K)
+        new_length = sequences.shape[1] + 1
+        next_beams, next_tokens, next_scores = [], [], []
+        for b in range(log_probs.shape[0]):
+            pairs = zip(top_scores[b].tolist(), (top_index[b] // vocab).tolist(), (top_index[b] % vocab).tolist())
+            self._choose(b, pairs, sequences, new_length, (next_beams, next_tokens, next_scores))
+            if not self.done[b] and len(self.finished[b]) >= self.num_beams:
+                best_running = max(next_scores[-self.num_beams:]) / new_length**self.length_penalty
+                worst_kept = sorted((s for s, _ in self.finished[b]), reverse=True)[self.num_beams - 1]
+                self.done[b] = worst_kept >= best_running
+        device = log_probs.device
+        self.scores = torch.tensor(next_scores, device=device)
+        return torch.tensor(next_beams, device=device), torch.tensor(next_tokens, device=device)
+
+    def _choose(self, b: int, pairs, sequences: torch.Tensor, new_length: int, out: tuple[list, list, list]) -> None:
+        next_beams, next_tokens, next_scores = out
+        chosen = 0
+        for score, beam, token in pairs:
+            source = b * self.num_beams + beam
+            if self.done[b]:  # keep the batch shape: pad, with only the first copy alive
+                next_beams.append(source)
+                next_tokens.append(self.pad_token_id)
+                next_scores.append(float("-inf") if chosen else 0.0)
+                chosen += 1
+            elif token == self.eos_token_id:
+                hypothesis = torch.cat((sequences[source], torch.tensor([token], device=sequences.device)))
+                self.finished[b].append((score / new_length**self.length_penalty, hypothesis))
+                continue
+            else:
+                next_beams.append(source)
+                next_tokens.append(token)
+                next_scores.append(score)
+                chosen += 1
+            if chosen == self.num_beams:
+                break
+
+    def best(self, b: int, sequences: torch.Tensor, count: int) -> list[torch.Tensor]:
+        """Input ``b``'s ``count`` best hypotheses: the finished ones, and its running beams if it is not done."""
+        hypotheses = list(self.finished[b])
+        if not self.done[b]:
+            for k in range(self.num_beams):
+                row = b * self.num_beams + k
+                score = self.scores[row].item()
+                if score > float("-inf"):
+                    hypotheses.append((score / sequences.shape[1] ** self.length_penalty, sequences[row]))
+        hypotheses.sort(key=lambda item: item[0], reverse=True)
+        return [h for _, h in hypotheses[:count]]

@@ -18,6 +18,7 @@ from blip2.models.outputs import Blip2FeatureOutput, Blip2Output
 from blip2.nn.qformer import QformerLMHead
 
 LABEL_SMOOTHING = 0.1
+EXCLUDED_LOGIT = -10000.0  # a logit whose softmax weight is 0: the positive is never drawn as a hard negative (LAVIS)
 
 
 class Blip2Qformer(Blip2PreTrainedModel):
@@ -77,8 +78,8 @@ class Blip2Qformer(Blip2PreTrainedModel):
     def _hard_negative_index(self, sim: torch.Tensor, rank: int) -> torch.Tensor:
         """One index per row, drawn from softmax(sim) with each row's positive excluded; one batched draw."""
         batch = sim.shape[0]
-        weights = torch.nan_to_num(sim.float(), nan=0.0, posinf=1e4, neginf=-1e4).clone()
-        weights[:, rank * batch : (rank + 1) * batch].fill_diagonal_(-10000.0)
+        weights = torch.nan_to_num(sim.float(), nan=0.0, posinf=-EXCLUDED_LOGIT, neginf=EXCLUDED_LOGIT).clone()
+        weights[:, rank * batch : (rank + 1) * batch].fill_diagonal_(EXCLUDED_LOGIT)
         return torch.multinomial(weights.softmax(dim=1), 1).squeeze(1)  # (B,)
 
     def _itm(

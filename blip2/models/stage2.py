@@ -37,10 +37,14 @@ class Blip2ImageToTextGeneration(Blip2PreTrainedModel):
     """BLIP-2 stage 2: EVA ViT (frozen) + ln_vision + Q-Former query path + ``llm_proj`` + a causal LLM (frozen)."""
 
     preset_group = ("stage2", "itt")
+    accepts_language_model = True  # ``blip2.weights`` passes a built LLM by this sign, never importing this module
 
-    def __init__(self, config: Blip2Config, *, empty_llm: bool = False) -> None:
-        """``empty_llm=True``: the LLM's parameters stay on the meta device, uninitialised, for a loader that fills
-        every one of them next (``from_pretrained`` of a checkpoint holding the LLM); without an LLM folder only."""
+    def __init__(self, config: Blip2Config, *, language_model: nn.Module | None = None) -> None:
+        """``language_model``: the LLM, built by the caller (``from_pretrained`` passes one built empty, on the meta
+        device, when the checkpoint holds the LLM). Without it, ``blip2.weights.llm.build_language_model`` builds it
+        from ``config.text_config``: read from ``checkpoint_name_or_path`` (a local folder, its sizes checked against
+        text_config's), else random; in ``text_config.dtype`` (e.g. "bfloat16" for a frozen 7B LLM), float32 if
+        unset. This class itself reads no file."""
         super().__init__(config)
         if config.text_config is None:
             raise ConfigError(
@@ -50,14 +54,11 @@ class Blip2ImageToTextGeneration(Blip2PreTrainedModel):
         self.build_image_path(with_text=False)  # LAVIS deletes the Q-Former's text parts in stage 2
         init_qformer_weights(self.qformer, config.qformer_config)
         nn.init.normal_(self.query_tokens, std=config.qformer_config.initializer_range)
-        from blip2.llm import load_causal_lm  # transformers' model classes: loaded when a stage-2 model is built
+        if language_model is None:
+            from blip2.weights.llm import build_language_model  # transformers' model classes: for stage 2 only
 
-        # read from text_config.checkpoint_name_or_path (its sizes checked against text_config's), or random; its
-        # weights in text_config.dtype (e.g. "bfloat16" for a frozen 7B LLM), float32 if unset
-        self.language_model = load_causal_lm(
-            config.text_config, dtype=config.text_config.get("dtype"), trainable=not config.freeze_text,
-            empty=empty_llm,
-        )
+            language_model = build_language_model(config)
+        self.language_model = language_model
         llm_width = self.language_model.get_input_embeddings().embedding_dim  # OPT-350m: word_embed_proj_dim
         self.llm_proj = nn.Linear(config.qformer_config.hidden_size, llm_width)  # default init, as LAVIS opt_proj
         self.apply_freezing()

@@ -201,6 +201,10 @@ class Qformer(nn.Module):
             for index in range(config.num_hidden_layers)
         )
 
+    def cross_attention_blocks(self) -> list[AttentionBlock]:
+        """The blocks where the queries attend to the image, in layer order."""
+        return [layer.cross_attn for layer in self.layers if layer.cross_attn is not None]
+
     def forward(
         self,
         query_embeds: torch.Tensor | None = None,

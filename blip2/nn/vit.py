@@ -101,10 +101,8 @@ class VisionTransformer(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        # fixed 2-D sine-cosine positions (MAE) rather than trunc_normal(0.02): a frozen random encoder (the demo,
-        # the tests) then still says where each patch is (an attention probe on the demo's frozen tokens reads the
-        # shape's position 99% of the time, against 28% with 0.02 noise); see ViTConfig.position_init_amplitude.
-        # Pretrained weights replace them
+        # fixed 2-D sine-cosine positions (MAE) rather than trunc_normal(0.02), so a frozen random encoder still
+        # tells patches apart by position (scaled by ViTConfig.position_init_amplitude); pretrained weights replace it
         grid = self.config.image_size // self.config.patch_size
         with torch.no_grad():
             self.pos_embed.zero_()

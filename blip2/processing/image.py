@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from blip2 import registry
+from blip2 import files, registry
 from blip2.config import Blip2Config
 from blip2.registry import CLIP_MEAN, CLIP_STD
 
@@ -230,31 +230,24 @@ class Blip2ImageProcessor:
     def save_pretrained(self, directory: str | os.PathLike, overwrite: bool = False) -> None:
         """Write ``preprocessor_config.json`` atomically; a folder holding files blip2 did not write is refused
         unless ``overwrite`` (which keeps those files)."""
-        from blip2.weights import io
-
-        directory = io.prepare_output_folder(directory, overwrite)
-        io.write_files(directory, {PREPROCESSOR_CONFIG: lambda path: path.write_text(
+        directory = files.prepare_output_folder(directory, overwrite)
+        files.write_files(directory, {PREPROCESSOR_CONFIG: lambda path: path.write_text(
             json.dumps(self.to_dict(), indent=2), encoding="utf-8")})
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, seed: int | None = None) -> "Blip2ImageProcessor":
         """A preset name (the ``preprocessor_config.json`` in its folder under ``$BLIP2_HOME`` if there is one, else
         the preset's settings), a ``preprocessor_config.json`` (or its folder), or a folder with our ``config.yaml``."""
-        name = str(name_or_path)
-        if name in registry.PRESETS:
-            preset = registry.get_preset(name)
-            saved = preset.directory() / PREPROCESSOR_CONFIG
-            if saved.is_file():
-                return cls.from_pretrained(saved, seed=seed)
-            return cls(preset.config().vision_config.image_size, preset.image_mean, preset.image_std, seed=seed)
-        path = Path(name)
-        if path.is_dir() and (path / PREPROCESSOR_CONFIG).is_file():
-            path = path / PREPROCESSOR_CONFIG
-        if path.is_file() and path.suffix == ".json":
-            with open(path, encoding="utf-8") as handle:
+        source = registry.resolve(name_or_path)
+        saved = source.saved_file(PREPROCESSOR_CONFIG)
+        if saved is None and source.path.is_file() and source.path.suffix == ".json":
+            saved = source.path
+        if saved is not None:
+            with open(saved, encoding="utf-8") as handle:
                 return cls.from_dict(json.load(handle), seed=seed)
-        if path.is_dir() and (path / "config.yaml").is_file():
-            return cls(Blip2Config.from_yaml(path / "config.yaml").vision_config.image_size, seed=seed)
-        if path.is_dir():
-            raise FileNotFoundError(f"{path} has neither {PREPROCESSOR_CONFIG} nor config.yaml")
-        raise FileNotFoundError(f"{name!r} is neither a preset nor a folder; presets: {', '.join(registry.PRESETS)}")
+        if source.preset is not None:
+            config = Blip2Config.from_pretrained(source.name)
+            return cls(config.vision_config.image_size, source.preset.image_mean, source.preset.image_std, seed=seed)
+        if source.saved_file("config.yaml") is not None:
+            return cls(Blip2Config.from_yaml(source.path / "config.yaml").vision_config.image_size, seed=seed)
+        raise FileNotFoundError(f"{source.path} has neither {PREPROCESSOR_CONFIG} nor config.yaml")

@@ -12,12 +12,11 @@ from typing import Sequence
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from blip2 import registry
+from blip2 import files, registry
 from blip2.config import Blip2Config
 from blip2.processing.image import PREPROCESSOR_CONFIG, Blip2ImageProcessor, ImageInput
 from blip2.processing.text import clean_caption
 from blip2.processing.tokenizer import load_tokenizer
-from blip2.weights import io
 
 VOCAB_FILE = "vocab.txt"
 
@@ -77,17 +76,13 @@ class Blip2Processor:
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, seed: int | None = None) -> "Blip2Processor":
         """A preset name, or a folder (config.yaml and/or preprocessor_config.json, optional vocab.txt)."""
-        name = str(name_or_path)
-        image_processor = Blip2ImageProcessor.from_pretrained(name, seed=seed)
-        if name in registry.PRESETS:  # files saved in the preset's folder under $BLIP2_HOME come first
-            preset = registry.get_preset(name)
-            vocab = preset.directory() / VOCAB_FILE
-            return cls(image_processor, load_tokenizer(vocab if vocab.is_file() else None), preset.config().max_txt_len)
-        path = Path(name)
-        vocab = path / VOCAB_FILE
-        tokenizer = load_tokenizer(vocab if vocab.is_file() else None)
-        config_file = path / "config.yaml"
-        max_length = Blip2Config.from_yaml(config_file).max_txt_len if config_file.is_file() else 32
+        source = registry.resolve(name_or_path)
+        image_processor = Blip2ImageProcessor.from_pretrained(name_or_path, seed=seed)
+        tokenizer = load_tokenizer(source.saved_file(VOCAB_FILE))  # None: bert-base-uncased's, shipped
+        if source.preset is not None or source.saved_file("config.yaml") is not None:
+            max_length = Blip2Config.from_pretrained(name_or_path).max_txt_len
+        else:
+            max_length = Blip2Config.max_txt_len
         return cls(image_processor, tokenizer, max_length)
 
     def save_pretrained(self, directory: str | os.PathLike, overwrite: bool = False) -> None:
@@ -97,8 +92,8 @@ class Blip2Processor:
         tokens = sorted(vocab, key=vocab.__getitem__)
         if [vocab[t] for t in tokens] != list(range(len(tokens))):
             raise ValueError("the tokenizer's vocabulary ids are not contiguous from 0; cannot write vocab.txt")
-        directory = io.prepare_output_folder(directory, overwrite)
-        io.write_files(directory, {
+        directory = files.prepare_output_folder(directory, overwrite)
+        files.write_files(directory, {
             PREPROCESSOR_CONFIG: partial(_write_json, self.image_processor.to_dict()),
             VOCAB_FILE: partial(_write_text, "".join(f"{token}\n" for token in tokens)),
         })
@@ -166,7 +161,7 @@ class Blip2GenerationProcessor:
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike) -> "Blip2GenerationProcessor":
         """A folder with ``preprocessor_config.json`` (or our ``config.yaml``) and the LLM's tokenizer files."""
-        from blip2.llm import load_llm_tokenizer  # transformers' tokenizer classes, loaded for stage 2 only
+        from blip2.processing.llm_tokenizer import load_llm_tokenizer  # transformers' tokenizer classes, loaded for stage 2 only
 
         return cls(Blip2ImageProcessor.from_pretrained(folder), load_llm_tokenizer(folder))
 
@@ -174,9 +169,9 @@ class Blip2GenerationProcessor:
         """Write ``preprocessor_config.json`` and the tokenizer's own files (e.g. beside a model's config.yaml, so
         ``pipeline("image_to_text_generation", model=directory)`` finds both), each atomically; a folder holding
         files blip2 did not write is refused unless ``overwrite`` (which keeps those files)."""
-        directory = io.prepare_output_folder(directory, overwrite)
-        io.write_files(directory, {PREPROCESSOR_CONFIG: partial(_write_json, self.image_processor.to_dict())})
-        io.write_folder_files(directory, lambda staging: self.tokenizer.save_pretrained(str(staging)))
+        directory = files.prepare_output_folder(directory, overwrite)
+        files.write_files(directory, {PREPROCESSOR_CONFIG: partial(_write_json, self.image_processor.to_dict())})
+        files.write_folder_files(directory, lambda staging: self.tokenizer.save_pretrained(str(staging)))
 
 
 def _write_json(data: dict, path: Path) -> None:

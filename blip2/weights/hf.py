@@ -12,11 +12,10 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from blip2.config import Blip2Config, ConfigError, QformerConfig, ViTConfig
+from blip2.config import Blip2Config, config_from_hf_folder
 from blip2.weights import eva
 from blip2.weights.keymap import KeyMap, bert_layer, invert, rename, weight_and_bias
 from blip2.weights.loader import read_state_dict
@@ -25,8 +24,6 @@ logger = logging.getLogger(__name__)
 
 name = "hf"
 
-_BERT_VOCAB = 30522  # bert-base-uncased; LAVIS appends [DEC] as id 30522
-_BERT_SEP = 102
 _HF_VIT = "vision_model.encoder.layers.{}"
 _OUR_VIT = "vision_model.blocks.{}"
 
@@ -78,76 +75,6 @@ def detect(path: Path) -> bool:
 
 
 # --- config --------------------------------------------------------------------------------------------------------
-def _square(value: Any, key: str) -> int:
-    if isinstance(value, (list, tuple)):
-        if len(value) != 2 or value[0] != value[1]:
-            raise ConfigError(f"vision_config.{key}={list(value)}: only square images and patches are supported")
-        value = value[0]
-    return int(value)
-
-
-def _check_gelu(section: str, hidden_act: str) -> None:
-    if hidden_act != "gelu":
-        raise ConfigError(f"{section}.hidden_act={hidden_act!r}: only 'gelu' (exact) is supported")
-
-
-def _special_ids(vocab_size: int) -> tuple[int, int]:
-    """([DEC], [SEP]) ids: BERT's for the real vocabulary, otherwise the last ids of a small test vocabulary."""
-    if vocab_size > _BERT_VOCAB:
-        return _BERT_VOCAB, _BERT_SEP
-    return vocab_size - 1, min(_BERT_SEP, vocab_size - 2)
-
-
-def config_from_hf_folder(path: str | Path) -> Blip2Config:
-    """Translate a transformers BLIP-2 ``config.json`` into a ``Blip2Config``."""
-    from transformers import Blip2Config as HFBlip2Config
-
-    hf = HFBlip2Config.from_pretrained(str(path))
-    vision, qformer = hf.vision_config, hf.qformer_config
-    _check_gelu("vision_config", vision.hidden_act)
-    _check_gelu("qformer_config", qformer.hidden_act)
-    vocab_size = qformer.vocab_size
-    if not qformer.use_qformer_text_input and vocab_size == _BERT_VOCAB:
-        vocab_size += 1  # the text parts are not in the file: size them as LAVIS does, with [DEC]
-    bos_token_id, sep_token_id = _special_ids(vocab_size)
-    vit = ViTConfig(
-        image_size=_square(vision.image_size, "image_size"),
-        patch_size=_square(vision.patch_size, "patch_size"),
-        hidden_size=vision.hidden_size,
-        num_hidden_layers=vision.num_hidden_layers,
-        num_attention_heads=vision.num_attention_heads,
-        intermediate_size=vision.intermediate_size,
-        layer_norm_eps=vision.layer_norm_eps,
-        ln_vision_eps=vision.layer_norm_eps,  # ln_vision is HF's post_layernorm, built with this eps
-        qkv_bias=vision.qkv_bias,
-    )
-    qformer_config = QformerConfig(
-        hidden_size=qformer.hidden_size,
-        num_hidden_layers=qformer.num_hidden_layers,
-        num_attention_heads=qformer.num_attention_heads,
-        intermediate_size=qformer.intermediate_size,
-        query_length=hf.num_query_tokens,
-        cross_attention_freq=qformer.cross_attention_frequency,
-        vocab_size=vocab_size,
-        max_position_embeddings=qformer.max_position_embeddings,
-        layer_norm_eps=qformer.layer_norm_eps,
-        bos_token_id=bos_token_id,
-        pad_token_id=qformer.pad_token_id or 0,
-        sep_token_id=sep_token_id,
-        hidden_dropout_prob=qformer.hidden_dropout_prob,
-        attention_probs_dropout_prob=qformer.attention_probs_dropout_prob,
-        initializer_range=qformer.initializer_range,
-    )
-    return Blip2Config(
-        vision_config=vit,
-        qformer_config=qformer_config,
-        # a generation checkpoint keeps its LLM config for stage 2; a retrieval checkpoint has no LLM
-        text_config=None if qformer.use_qformer_text_input else hf.text_config.to_dict(),
-        embed_dim=hf.image_text_hidden_size,
-        max_txt_len=min(32, qformer.max_position_embeddings),
-    )
-
-
 def read_config(path: Path) -> Blip2Config:
     return config_from_hf_folder(path)
 

@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from blip2.weights import io
+from blip2 import files
 
 logger = logging.getLogger(__name__)
 
@@ -42,18 +42,18 @@ class LoadReport:
     def summary(self) -> str:
         parts = [f"loaded {self.source}"]
         if self.missing:
-            parts.append(f"{len(self.missing)} keys left at their initial values ({_first(self.missing)})")
+            parts.append(f"{len(self.missing)} keys left at their initial values ({first_keys(self.missing)})")
         if self.unexpected:
-            parts.append(f"{len(self.unexpected)} checkpoint keys not used ({_first(self.unexpected)})")
+            parts.append(f"{len(self.unexpected)} checkpoint keys not used ({first_keys(self.unexpected)})")
         return "; ".join(parts)
 
 
-def _first(keys: list[str], count: int = 5) -> str:
+def first_keys(keys: list[str], count: int = 5) -> str:
     shown = ", ".join(keys[:count])
     return shown + (f", ... (+{len(keys) - count} more)" if len(keys) > count else "")
 
 
-def _matches(key: str, patterns: Iterable[str]) -> bool:
+def matches_any(key: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(key, pattern) for pattern in patterns)
 
 
@@ -155,30 +155,48 @@ def load_into(
     copying it (converted to the model's dtype, ties kept); one left on meta after loading raises, naming it.
     """
     expected = model.state_dict(keep_vars=True)  # the tensors themselves: a tied pair is one object, even on meta
-    allowed_missing, allowed_unexpected = list(allowed_missing), list(allowed_unexpected)
+    _check_shapes(expected, state, source)
+    allowed_missing, allowed_unexpected, preloaded = list(allowed_missing), list(allowed_unexpected), list(preloaded)
+    aliases = tied_aliases(expected)
+    missing = [
+        key for key in expected
+        if key not in state and not any(alias in state for alias in aliases.get(key, ()))
+        and not matches_any(key, preloaded)
+    ]
+    unexpected = [key for key in state if key not in expected]
+    _check_keys(type(model).__name__, source, [key for key in missing if not matches_any(key, allowed_missing)],
+                [key for key in unexpected if not matches_any(key, allowed_unexpected)])
+    _copy_state(model, state, expected, aliases)
+    _check_no_meta(model, source)
+    report = LoadReport(source, missing, unexpected + list(dropped))
+    if report.missing or report.unexpected:
+        logger.info(report.summary())
+    return report
+
+
+def _check_shapes(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str) -> None:
     mismatched = [
         f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(expected[key].shape)}"
         for key, value in state.items()
         if key in expected and tuple(value.shape) != tuple(expected[key].shape)
     ]
     if mismatched:
-        raise WeightLoadError(f"{source}: {len(mismatched)} tensors have the wrong shape: {_first(mismatched, 3)}")
-    aliases = tied_aliases(expected)
-    missing = [
-        key for key in expected
-        if key not in state and not any(alias in state for alias in aliases.get(key, ()))
-        and not _matches(key, preloaded)
-    ]
-    unexpected = [key for key in state if key not in expected]
-    bad_missing = [key for key in missing if not _matches(key, allowed_missing)]
-    bad_unexpected = [key for key in unexpected if not _matches(key, allowed_unexpected)]
-    if bad_missing or bad_unexpected:
-        problems = []
-        if bad_missing:
-            problems.append(f"{len(bad_missing)} missing keys: {_first(bad_missing)}")
-        if bad_unexpected:
-            problems.append(f"{len(bad_unexpected)} unexpected keys: {_first(bad_unexpected)}")
-        raise WeightLoadError(f"{source} does not fit {type(model).__name__}: " + "; ".join(problems))
+        raise WeightLoadError(f"{source}: {len(mismatched)} tensors have the wrong shape: {first_keys(mismatched, 3)}")
+
+
+def _check_keys(model_name: str, source: str, bad_missing: list[str], bad_unexpected: list[str]) -> None:
+    problems = []
+    if bad_missing:
+        problems.append(f"{len(bad_missing)} missing keys: {first_keys(bad_missing)}")
+    if bad_unexpected:
+        problems.append(f"{len(bad_unexpected)} unexpected keys: {first_keys(bad_unexpected)}")
+    if problems:
+        raise WeightLoadError(f"{source} does not fit {model_name}: " + "; ".join(problems))
+
+
+def _copy_state(model: torch.nn.Module, state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
+                aliases: dict[str, list[str]]) -> None:
+    """Copy into real tensors; a meta tensor adopts the checkpoint's (in the model's dtype, ties kept)."""
     adopted: set[tuple] = set()
     with torch.no_grad():
         for key, value in state.items():
@@ -193,11 +211,6 @@ def load_into(
                 value = value.clone()
             adopted.add(_storage_key(value))
             _adopt(model, [key, *aliases.get(key, ())], value, expected)
-    _check_no_meta(model, source)
-    report = LoadReport(source, missing, unexpected + list(dropped))
-    if report.missing or report.unexpected:
-        logger.info(report.summary())
-    return report
 
 
 def _adopt(model: torch.nn.Module, names: list[str], value: torch.Tensor, expected: dict[str, torch.Tensor]) -> None:
@@ -220,7 +233,7 @@ def _check_no_meta(model: torch.nn.Module, source: str) -> None:
     if empty:
         raise WeightLoadError(
             f"{source}: {len(empty)} tensors of {type(model).__name__} got no values from the checkpoint (they are "
-            f"still on the meta device): {_first(empty)}"
+            f"still on the meta device): {first_keys(empty)}"
         )
 
 
@@ -228,17 +241,17 @@ def save_pretrained(
     model: torch.nn.Module, directory: str | os.PathLike, config=None, skip_prefixes: tuple[str, ...] = (),
     overwrite: bool = False,
 ) -> None:
-    """Write ``config.yaml`` + ``model.safetensors`` into ``directory``, each atomically (``blip2.weights.io``).
+    """Write ``config.yaml`` + ``model.safetensors`` into ``directory``, each atomically (``blip2.files``).
 
     Only our own files are ever replaced and nothing is deleted: a folder holding files blip2 did not write is refused
     unless ``overwrite`` (which still keeps those files), and an output that is a regular file is always refused.
     ``config`` replaces ``model.config`` in the YAML; keys starting with ``skip_prefixes`` are not written. Of tied
     tensors only the first name is written (safetensors stores no shared memory; loading fills the others).
     """
-    directory = io.prepare_output_folder(directory, overwrite)
+    directory = files.prepare_output_folder(directory, overwrite)
     state = _untied({key: value for key, value in model.state_dict().items() if not key.startswith(skip_prefixes)})
     state = {key: value.detach().cpu().contiguous() for key, value in state.items()}
-    io.write_files(directory, {
+    files.write_files(directory, {
         WEIGHTS_NAME: lambda path: save_file(state, str(path), metadata={"format": "pt", "library": "blip2"}),
         CONFIG_NAME: (config or model.config).to_yaml,
     })
@@ -253,55 +266,3 @@ def _untied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             seen.add(storage)
             out[key] = value
     return out
-
-
-def load_pretrained(cls, name_or_path: str | os.PathLike, config=None, **kwargs):
-    """Build ``cls`` from a preset name, our folder, a Hugging Face BLIP-2 folder or a LAVIS ``.pth``."""
-    from blip2 import registry
-    from blip2.weights import adapters
-
-    name = str(name_or_path)
-    if name in registry.PRESETS:
-        preset = registry.get_preset(name)
-        if not preset.files:
-            model = cls(config or preset.config())
-            logger.info("preset %s has no weight files: random initialisation", name)
-            return model
-        message = registry.missing_files_message(preset)
-        if message:
-            raise FileNotFoundError(message)
-        path = preset.weights_directory()
-        if preset.llm:  # stage 2: the preset's config names the LLM folder under this BLIP2_HOME
-            config = config or preset.config()
-    else:
-        path = Path(name).expanduser()
-        if not path.exists():
-            raise FileNotFoundError(
-                f"{name!r} is neither an existing file or folder nor a preset; presets: {', '.join(registry.PRESETS)}"
-            )
-    return load_with_adapter(cls, adapters.detect(path), path, config=config, **kwargs)
-
-
-def load_with_adapter(cls, adapter, path: Path, config=None, **kwargs):
-    """Build ``cls`` from ``path`` read by ``adapter``; the config comes from the source unless one is given.
-
-    The checkpoint is read first: a stage-2 LLM it holds is then built empty and adopts its tensors, rather than being
-    initialised randomly and overwritten.
-    """
-    from blip2.weights import stage2
-
-    config = config or adapter.read_config(path, **kwargs)
-    state, dropped = adapter.read_native_state(path, config, **kwargs)
-    model = cls(config, **stage2.build_options(cls, config, state))
-    allowed_missing, preloaded = list(adapter.allowed_missing(model)), []
-    if hasattr(model, "language_model"):  # stage 2: a stage-1 start, or an LLM from its own folder
-        state, dropped, allowed_missing, preloaded = stage2.fit_state(model, state, dropped, allowed_missing, str(path))
-    report = load_into(
-        model, state, source=str(path), allowed_missing=allowed_missing,
-        allowed_unexpected=adapter.allowed_unexpected(model), dropped=dropped, preloaded=preloaded,
-    )
-    model.load_report = report
-    model.name_or_path = str(path)  # where it came from: pipelines and the Trainer read its processor files there
-    if hasattr(model, "apply_freezing"):
-        model.apply_freezing()
-    return model

@@ -3,8 +3,8 @@
 Two things set stage 2 apart. A stage-1 checkpoint (our folder, LAVIS ``blip2_pretrained.pth``, a transformers
 retrieval folder) can start it: the ViT, ln_vision, the queries and the Q-Former's query path carry over exactly, the
 Q-Former's text parts and the stage-1 heads are dropped and reported, and ``llm_proj`` starts fresh. And the LLM may
-come from its own folder (``text_config.checkpoint_name_or_path``), read when the model is built: then no checkpoint
-needs to hold it (LAVIS never saves the frozen LLM; our folders refer to it instead of copying it).
+come from its own folder (``text_config.checkpoint_name_or_path``), read here before the model is built: then no
+checkpoint needs to hold it (LAVIS never saves the frozen LLM; our folders refer to it instead of copying it).
 """
 
 from __future__ import annotations
@@ -12,24 +12,28 @@ from __future__ import annotations
 import torch
 
 from blip2.weights.hf import TEXT_ONLY as STAGE1_ONLY  # the Q-Former's text side and the ITC / ITM / LM heads
-from blip2.weights.loader import WeightLoadError, _matches
+from blip2.weights.loader import WeightLoadError, matches_any
 
 LLM_PREFIX = "language_model."
 
 
-def build_options(cls, config, state: dict[str, torch.Tensor]) -> dict[str, bool]:
+def build_options(cls, config, state: dict[str, torch.Tensor]) -> dict:
     """Keyword arguments for building ``cls`` before ``state`` is loaded into it.
 
-    ``empty_llm=True`` for a stage-2 model whose LLM would be initialised randomly (no LLM folder in text_config)
-    while ``state`` holds the LLM (a transformers generation folder, our folder saved with ``include_llm=True``):
-    the LLM is then never initialised only to be overwritten, which for a 7B LLM costs minutes and its size twice.
+    For a stage-2 class (one with ``accepts_language_model``; this package never imports ``blip2.models``), the LLM
+    built here: from text_config's folder if it names one; else, when ``state`` holds the LLM (a transformers
+    generation folder, our folder saved with ``include_llm=True``), built empty on the meta device to adopt those
+    tensors, never initialised only to be overwritten (for a 7B LLM: minutes and its size twice). Otherwise none:
+    the model initialises its LLM randomly.
     """
-    from blip2.models.stage2 import Blip2ImageToTextGeneration
-
-    if not (isinstance(cls, type) and issubclass(cls, Blip2ImageToTextGeneration)) or config.text_config is None:
+    if not getattr(cls, "accepts_language_model", False) or config.text_config is None:
         return {}
+    from blip2.weights.llm import build_language_model  # transformers' model classes: for stage 2 only
+
     holds_llm = any(key.startswith(LLM_PREFIX) for key in state)
-    return {"empty_llm": True} if holds_llm and not config.text_config.get("checkpoint_name_or_path") else {}
+    if not holds_llm and not config.text_config.get("checkpoint_name_or_path"):
+        return {}  # a random LLM: the model draws it, in the order a plain ``cls(config)`` draws its weights
+    return {"language_model": build_language_model(config, empty=holds_llm)}
 
 
 def fit_state(
@@ -37,7 +41,7 @@ def fit_state(
 ) -> tuple[dict[str, torch.Tensor], list[str], list[str], list[str]]:
     """(state, dropped, allowed_missing, preloaded) for loading ``state`` into a stage-2 ``model``."""
     _check_projection_width(model, state, source)
-    stage1_keys = [key for key in state if _matches(key, STAGE1_ONLY)]
+    stage1_keys = [key for key in state if matches_any(key, STAGE1_ONLY)]
     state = {key: value for key, value in state.items() if key not in set(stage1_keys)}
     preloaded = ["language_model.*"] if model.llm_folder else []
     if stage1_keys:  # a stage-1 checkpoint: nothing stage-2-only can be in it

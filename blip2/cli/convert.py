@@ -18,13 +18,14 @@ import sys
 from pathlib import Path
 
 from blip2.config import Blip2Config
+from blip2.files import check_output_folder
 from blip2.models import Blip2ImageToTextGeneration, Blip2Qformer
 from blip2.weights import hf, lavis
-from blip2.weights.io import check_output_folder
-from blip2.weights.loader import load_with_adapter
+from blip2.weights.load import load_with_adapter
 
+USAGE_ERROR = 2  # the exit status of a problem with the user's input (as every blip2 command)
 FORMATS = {"lavis": lavis, "hf": hf}
-_DESCRIPTIONS = {"lavis": "a LAVIS checkpoint (.pth)", "hf": "a Hugging Face BLIP-2 folder (config.json)"}
+DESCRIPTIONS = {"lavis": "a LAVIS checkpoint (.pth)", "hf": "a Hugging Face BLIP-2 folder (config.json)"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"--input {args.input} does not exist")
         adapter = FORMATS[args.source_format]
         if not adapter.detect(args.input):
-            raise ValueError(f"--input {args.input} is not {_DESCRIPTIONS[args.source_format]}")
+            raise ValueError(f"--input {args.input} is not {DESCRIPTIONS[args.source_format]}")
         if args.source_format == "lavis" and args.config is None:
             raise ValueError(
                 "--from lavis needs --config (a YAML file or a preset name): LAVIS checkpoints carry no config"
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"blip2 convert: error: {' '.join(str(message).split())}", file=sys.stderr)
-        return 2
+        return USAGE_ERROR
     print(f"{model.load_report.summary()}; wrote {args.output}")
     return 0
 

@@ -1,4 +1,4 @@
-"""``blip2`` command line: run | convert | demo. Thin: parse, build the config, call the library.
+"""``blip2 run``: train, evaluate or predict from a run YAML (flags and ``--set`` overrides on top).
 
     blip2 run --config configs/blip2/run_blip2_quickstart.yaml --run_mode train
     torchrun --nproc_per_node 2 -m blip2 run --config ... --run_mode train
@@ -9,26 +9,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import sys
 from pathlib import Path
 
 from blip2.config import ConfigError, set_by_path, validate_tree
 from blip2.engine.output_dir import check_writable
-from blip2.engine.trainer import NonFiniteLossError
-from blip2.weights import WeightLoadError
-from blip2.weights.io import OutputWriteError
 
 logger = logging.getLogger("blip2")
 
-# problems with the user's input or the user's folders: one line and exit status 2 (BLIP2_DEBUG=1 shows the
-# traceback); other OSErrors (a disk that fails mid-run) are reported by the code that can name the file
-USER_ERRORS = (ConfigError, FileNotFoundError, ValueError, KeyError, WeightLoadError, NonFiniteLossError,
-               PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError, OutputWriteError)
 
-
-def _run_parser(sub) -> None:
-    run = sub.add_parser("run", help="train, evaluate or predict from a run YAML")
+def add_arguments(run: argparse.ArgumentParser) -> None:
+    """``blip2 run``'s options."""
     run.add_argument("--config", required=True, help="run YAML (configs/blip2/...)")
     run.add_argument("--run_mode", choices=("train", "eval", "predict"), help="overrides the YAML's run_mode")
     run.add_argument("--train_dataset_dir", help="replaces train_dataset.data_loader.dataset_dir")
@@ -48,23 +38,7 @@ def _run_parser(sub) -> None:
                      help="override any config key (repeatable), e.g. runner_config.batch_size=16")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="blip2", description="BLIP-2: train, evaluate and run the model")
-    sub = parser.add_subparsers(dest="command", required=True)
-    _run_parser(sub)
-    from blip2.weights import convert
-
-    convert.add_arguments(sub.add_parser("convert", help="turn LAVIS / Hugging Face weights into our folder"))
-    demo = sub.add_parser("demo", help="generate data, train the quickstart model, evaluate, show predictions")
-    demo.add_argument("--output_dir", default="blip2_demo")
-    demo.add_argument("--steps", type=int, default=None, help="training steps (default: the quickstart config's)")
-    demo.add_argument("--stage2_steps", type=int, default=None,
-                      help="stage-2 training steps (default: the stage-2 quickstart config's; 0 skips stage 2)")
-    demo.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
-    return parser
-
-
-def _image_paths(items: list[str]) -> list[str]:
+def image_paths(items: list[str]) -> list[str]:
     from blip2.data.classification import IMAGE_EXTENSIONS
 
     paths: list[str] = []
@@ -115,7 +89,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = load_run_config(args)
     if config.run_mode == "predict" and args.predict_data:
-        images = _image_paths(args.predict_data)  # before building the model: a wrong path fails fast
+        images = image_paths(args.predict_data)  # before building the model: a wrong path fails fast
     elif config.run_mode == "predict":
         images = None
         if config.eval_dataset is None:
@@ -151,29 +125,3 @@ def cmd_run(args: argparse.Namespace) -> int:
             (trainer.output_dir / "predictions.json").write_text(json.dumps(predictions, indent=2) + "\n")
             print(json.dumps(predictions, indent=2))
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command == "convert":
-        from blip2.weights import convert
-
-        return convert.run(args)
-    try:
-        if args.command == "run":
-            return cmd_run(args)
-        from blip2.demo import run_demo
-
-        run_demo(args.output_dir, steps=args.steps, device=args.device, stage2_steps=args.stage2_steps)
-        return 0
-    except USER_ERRORS as error:
-        if os.environ.get("BLIP2_DEBUG"):
-            raise
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"blip2: error: {message}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -94,7 +94,7 @@ def write_files(directory: Path, writers: dict[str, Callable[[Path], None]]) -> 
     and the old files stay as they were."""
     unknown = [name for name in writers if name not in OWN_FILES]
     if unknown:
-        raise ValueError(f"{', '.join(unknown)} not in blip2.weights.io.OWN_FILES: add them there first")
+        raise ValueError(f"{', '.join(unknown)} not in blip2.files.OWN_FILES: add them there first")
     staged: dict[str, Path] = {}
     try:
         for name, write in writers.items():
@@ -127,7 +127,7 @@ def write_folder_files(directory: Path, write: Callable[[Path], object]) -> list
             raise OutputFolderError(f"saving into {directory} would replace {', '.join(clashing)}, which blip2 does "
                                     "not own: nothing was written")
         if extra:
-            logger.warning("%s: also wrote %s (not in blip2.weights.io.OWN_FILES: a later save into this folder "
+            logger.warning("%s: also wrote %s (not in blip2.files.OWN_FILES: a later save into this folder "
                            "needs overwrite=True)", directory, ", ".join(extra))
         for name in names:
             os.replace(staging / name, directory / name)

@@ -1,6 +1,6 @@
-"""The frozen causal LLM of stage 2 and its tokenizer, read from a local folder.
+"""The frozen causal LLM of stage 2, read from a local folder (its tokenizer: ``blip2.processing.llm_tokenizer``).
 
-This is the only module that knows how LLM folders look on disk:
+This is the only module that knows how LLM weight folders look on disk:
 
 - any causal LM transformers knows natively (Llama, OPT, Qwen2, GPT-2, ...): ``config.json`` plus
   ``model.safetensors`` or ``pytorch_model.bin``, either one possibly sharded with an index json;
@@ -9,27 +9,25 @@ This is the only module that knows how LLM folders look on disk:
 
 Weights are read one memory-mapped shard at a time and each tensor is converted to the target dtype as it is read;
 transformers then builds the model on the meta device and adopts those tensors without copying them. A bf16 load
-therefore never holds a float32 copy of the model, nor a second bf16 one; the model moves to its device afterwards.
+therefore never holds a float32 copy of the model, nor a second bf16 one, and never initialises it randomly; the
+model moves to its device afterwards. An LLM built ``empty`` (its weights come next, from a BLIP-2 checkpoint) is
+built under ``torch.device("meta")`` as transformers' own ``from_pretrained`` builds it: no monkey-patching.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
-from torch import nn
 from huggingface_hub.errors import StrictDataclassError
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PretrainedConfig
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 
-from blip2.weights.loader import WeightLoadError, _first, read_state_dict
+from blip2.weights.loader import WeightLoadError, first_keys, read_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +36,6 @@ CONFIG_FILE = "config.json"
 WEIGHT_FILES = (
     "model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin",
 )
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json + merges.txt")
 
 # Keys our configs add to ``text_config`` that are not the LLM's own transformers config keys: where the weights
 # are, the sequence budget of stage 2, and the seed's generation settings (read by the generation code).
@@ -83,17 +80,17 @@ def load_causal_lm(
     builds the parameters on the meta device instead of initialising them randomly: no memory, no init time. Buffers
     are still computed on CPU. A folder in ``checkpoint_name_or_path`` wins over ``empty``.
     """
-    dtype = _resolve_dtype(dtype)
+    dtype = resolve_dtype(dtype)
     path = text_config.get("checkpoint_name_or_path")
     if path:
-        model = _load_from_folder(Path(path).expanduser(), text_config, dtype)
+        model = load_from_folder(path, text_config, dtype)
     elif empty:
         if device is not None:
             raise ValueError(f"empty=True leaves the LLM's parameters on the meta device: load them before moving "
                              f"the model to device={device}")
-        model = _build_empty(text_config, dtype)
+        model = build_empty_causal_lm(config_from_keys(text_config), dtype)
     else:
-        model = _build_random(text_config, dtype)
+        model = build_random_causal_lm(text_config, dtype)
     if device is not None:
         model.to(device)
     model.eval()
@@ -101,15 +98,23 @@ def load_causal_lm(
     return model
 
 
+def build_language_model(config, *, empty: bool = False) -> PreTrainedModel:
+    """The LLM of a stage-2 ``config`` (a ``Blip2Config``): ``load_causal_lm`` of its ``text_config``, in
+    ``text_config.dtype`` (float32 if unset), trainable only when ``freeze_text`` is off; ``empty`` as there."""
+    text_config = config.text_config
+    return load_causal_lm(text_config, dtype=text_config.get("dtype"), trainable=not config.freeze_text, empty=empty)
+
+
 def load_llm_config(text_config: dict[str, Any]) -> PretrainedConfig:
     """The transformers config ``load_causal_lm`` would build the LLM from (a Baichuan folder gives a LlamaConfig)."""
     path = text_config.get("checkpoint_name_or_path")
     if path:
-        return _folder_config(_existing_folder(Path(path).expanduser(), "LLM checkpoint"), text_config)[0]
-    return _config_from_keys(text_config)
+        return _folder_config(existing_folder(path, "LLM checkpoint"), text_config)[0]
+    return config_from_keys(text_config)
 
 
-def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    """A torch dtype from ``None`` (torch's default), a dtype, or its name (``"bfloat16"``, ``"torch.float16"``)."""
     if dtype is None:
         return torch.get_default_dtype()
     if isinstance(dtype, str):
@@ -120,10 +125,17 @@ def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
     return dtype
 
 
-def _load_from_folder(folder: Path, text_config: dict[str, Any], dtype: torch.dtype) -> PreTrainedModel:
-    folder = _existing_folder(folder, "LLM checkpoint")
+def load_from_folder(
+    path: str | os.PathLike, text_config: dict[str, Any], dtype: torch.dtype | str | None = None
+) -> PreTrainedModel:
+    """The causal LM of the LLM folder ``path`` (sizes checked against ``text_config``), its weights in ``dtype``.
+
+    transformers builds it on the meta device and adopts the tensors read here: no random init, no second copy.
+    """
+    folder = existing_folder(path, "LLM checkpoint")
+    dtype = resolve_dtype(dtype)
     config, baichuan = _folder_config(folder, text_config)
-    state = _read_weights(_weight_files(folder), dtype)
+    state = read_llm_weights(llm_weight_files(folder), dtype)
     if baichuan:
         state = baichuan_to_llama(state, config, source=str(folder))
     return _build_with_weights(config, state, dtype, source=str(folder))
@@ -136,7 +148,9 @@ def _folder_config(folder: Path, text_config: dict[str, Any]) -> tuple[Pretraine
     return config, baichuan
 
 
-def _existing_folder(path: Path, what: str) -> Path:
+def existing_folder(path: str | os.PathLike, what: str) -> Path:
+    """``path`` (``~`` expanded) if it is a folder; else LLMLoadError naming ``what`` and the path."""
+    path = Path(path).expanduser()
     if not path.exists():
         raise LLMLoadError(f"{what} folder does not exist: {path}")
     if not path.is_dir():
@@ -144,7 +158,8 @@ def _existing_folder(path: Path, what: str) -> Path:
     return path
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; LLMLoadError naming the file if it is not valid JSON."""
     try:
         with open(path, encoding="utf-8") as handle:
             return json.load(handle)
@@ -157,7 +172,7 @@ def _config_from_folder(folder: Path) -> tuple[PretrainedConfig, bool]:
     config_file = folder / CONFIG_FILE
     if not config_file.is_file():
         raise LLMLoadError(f"{folder} has no {CONFIG_FILE}: expected a transformers LLM folder (config.json + weights)")
-    raw = _read_json(config_file)
+    raw = read_json(config_file)
     if is_baichuan(raw):
         return baichuan_llama_config(raw, source=str(config_file)), True
     model_type = raw.get("model_type")
@@ -195,7 +210,7 @@ def _check_agrees(text_config: dict[str, Any], config: PretrainedConfig, baichua
         raise LLMLoadError(f"text_config disagrees with {source}: " + ", ".join(disagree))
 
 
-def _weight_files(folder: Path) -> list[Path]:
+def llm_weight_files(folder: Path) -> list[Path]:
     """The checkpoint files of ``folder``: the shards an index names, or the one weight file."""
     for name in WEIGHT_FILES:
         path = folder / name
@@ -203,18 +218,18 @@ def _weight_files(folder: Path) -> list[Path]:
             continue
         if not name.endswith(".index.json"):
             return [path]
-        weight_map = _read_json(path).get("weight_map")
+        weight_map = read_json(path).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise LLMLoadError(f"{path} has no weight_map: expected {{'weight_map': {{key: shard file}}}}")
         shards = [folder / shard for shard in dict.fromkeys(weight_map.values())]
         missing = [shard.name for shard in shards if not shard.is_file()]
         if missing:
-            raise LLMLoadError(f"{path} names {len(missing)} shard files that are missing: {_first(missing)}")
+            raise LLMLoadError(f"{path} names {len(missing)} shard files that are missing: {first_keys(missing)}")
         return shards
     raise LLMLoadError(f"{folder} has no weight files: looked for {', '.join(WEIGHT_FILES)}")
 
 
-def _read_weights(files: list[Path], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def read_llm_weights(files: list[Path], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Every tensor of ``files`` in ``dtype``, converted shard by shard as it is read.
 
     Shards are memory-mapped (safetensors, zip-format .bin), so a shard's stored copy is file-backed pages, never a
@@ -260,12 +275,12 @@ def _check_loading_info(info: dict[str, Any], source: str, class_name: str) -> N
     unexpected = sorted(key for key in info["unexpected_keys"] if not key.endswith("rotary_emb.inv_freq"))
     problems = []
     if info["missing_keys"]:
-        problems.append(f"{len(info['missing_keys'])} missing keys: {_first(sorted(info['missing_keys']))}")
+        problems.append(f"{len(info['missing_keys'])} missing keys: {first_keys(sorted(info['missing_keys']))}")
     if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys: {_first(unexpected)}")
+        problems.append(f"{len(unexpected)} unexpected keys: {first_keys(unexpected)}")
     if info["mismatched_keys"]:
         mismatched = sorted(_describe_mismatch(item) for item in info["mismatched_keys"])
-        problems.append(f"{len(mismatched)} tensors of the wrong shape: {_first(mismatched, 3)}")
+        problems.append(f"{len(mismatched)} tensors of the wrong shape: {first_keys(mismatched, 3)}")
     if info.get("error_msgs"):
         problems.append("; ".join(str(message) for message in info["error_msgs"]))
     if problems:
@@ -280,45 +295,35 @@ def _describe_mismatch(item) -> str:
     return str(item)
 
 
-def _build_random(text_config: dict[str, Any], dtype: torch.dtype) -> PreTrainedModel:
-    config = _config_from_keys(text_config)
+def build_random_causal_lm(text_config: dict[str, Any], dtype: torch.dtype) -> PreTrainedModel:
+    """A randomly initialised causal LM from ``text_config``'s transformers keys (``model_type`` picks the class)."""
+    config = config_from_keys(text_config)
     model_class = _causal_lm_class(config)
     logger.info("text_config has no checkpoint_name_or_path: random %s", model_class.__name__)
     return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
-def _build_empty(text_config: dict[str, Any], dtype: torch.dtype) -> PreTrainedModel:
-    """The model ``_build_random`` builds, in the same dtypes and with the same buffers, but with every parameter on
-    the meta device: transformers' weight init then runs on shapes only, and ties the embeddings as usual."""
-    config = _config_from_keys(text_config)
-    with parameters_on_meta():
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+def build_empty_causal_lm(config: PretrainedConfig, dtype: torch.dtype) -> PreTrainedModel:
+    """The model ``build_random_causal_lm`` builds, in the same dtypes, ties and buffers, but with every parameter
+    on the meta device (shape and dtype only: no memory, no values), for a caller that loads every weight next.
 
-
-@contextlib.contextmanager
-def parameters_on_meta() -> Iterator[None]:
-    """Every parameter registered inside goes to the meta device as it is registered (shape and dtype, no memory, no
-    values), so the initialisation that follows touches nothing. Buffers stay on CPU: the non-persistent ones that
-    no checkpoint holds (rotary ``inv_freq``) keep their computed values. ``accelerate.init_empty_weights(
-    include_buffers=False)``, in torch alone.
+    Built as transformers' ``from_pretrained`` builds a model before loading: under ``torch.device("meta")`` (where
+    transformers skips its weight init), then the non-persistent buffers no checkpoint holds (rotary ``inv_freq``)
+    are brought to CPU and computed by transformers' own ``initialize_weights``, which on the meta parameters
+    touches shapes only.
     """
-    register_parameter = nn.Module.register_parameter
-
-    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        register_parameter(module, name, param)
-        if param is not None and not param.is_meta:  # a meta parameter registered again (a tie) stays the same object
-            meta = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-            meta.__dict__.update(param.__dict__)
-            module._parameters[name] = meta
-
-    nn.Module.register_parameter = register_on_meta
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register_parameter
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for name, buffer in list(model.named_non_persistent_buffers()):
+        module_name, _, attribute = name.rpartition(".")
+        model.get_submodule(module_name).register_buffer(
+            attribute, torch.empty_like(buffer, device="cpu"), persistent=False
+        )
+    model.initialize_weights()
+    return model
 
 
-def _config_from_keys(text_config: dict[str, Any]) -> PretrainedConfig:
+def config_from_keys(text_config: dict[str, Any]) -> PretrainedConfig:
     """A transformers config from ``text_config`` minus ``BLIP2_TEXT_KEYS``; ``model_type`` picks the class."""
     keys = {key: value for key, value in text_config.items() if key not in BLIP2_TEXT_KEYS}
     model_type = keys.pop("model_type", None)
@@ -417,153 +422,3 @@ def baichuan_to_llama(
         converted[prefix + "k_proj.weight"] = key_proj
         converted[prefix + "v_proj.weight"] = value
     return converted
-
-
-# ---------------------------------------------------------------------------------------------------- tokenizer
-
-
-class SentencePieceTokenizer(SentencePieceBackend):
-    """A Llama-style tokenizer over a sentencepiece ``tokenizer.model``: exactly sentencepiece's pieces and ids
-    (as the original Llama and Baichuan tokenizers), plus ``<s>``/``</s>`` as ``add_bos_token``/``add_eos_token`` say.
-
-    Strings of special tokens in the text (``"</s>"``) become their ids, as in transformers' Llama tokenizers.
-    """
-
-    vocab_files_names = {"vocab_file": "tokenizer.model"}
-    model_input_names = ["input_ids", "attention_mask"]
-    padding_side = "left"
-
-    def __init__(
-        self,
-        vocab_file: str,
-        unk_token: str = "<unk>",
-        bos_token: str = "<s>",
-        eos_token: str = "</s>",
-        pad_token: str | None = None,
-        add_bos_token: bool = True,
-        add_eos_token: bool = False,
-        **kwargs,
-    ) -> None:
-        self.add_bos_token = add_bos_token
-        self.add_eos_token = add_eos_token
-        kwargs["legacy"] = True  # plain sentencepiece: no rewriting of the dummy prefix
-        super().__init__(
-            vocab_file=vocab_file, unk_token=unk_token, bos_token=bos_token, eos_token=eos_token,
-            pad_token=pad_token, add_bos_token=add_bos_token, add_eos_token=add_eos_token, **kwargs,
-        )
-
-    def build_inputs_with_special_tokens(self, token_ids_0: list[int], token_ids_1: list[int] | None = None):
-        bos = [self.bos_token_id] if self.add_bos_token else []
-        eos = [self.eos_token_id] if self.add_eos_token else []
-        ids = bos + token_ids_0 + eos
-        return ids if token_ids_1 is None else ids + bos + token_ids_1 + eos
-
-    def get_special_tokens_mask(
-        self, token_ids_0: list[int], token_ids_1: list[int] | None = None, already_has_special_tokens: bool = False
-    ) -> list[int]:
-        if already_has_special_tokens:
-            return super().get_special_tokens_mask(token_ids_0, token_ids_1, already_has_special_tokens=True)
-        bos = [1] if self.add_bos_token else []
-        eos = [1] if self.add_eos_token else []
-        mask = bos + [0] * len(token_ids_0) + eos
-        return mask if token_ids_1 is None else mask + bos + [0] * len(token_ids_1) + eos
-
-    def convert_tokens_to_string(self, tokens: list[str]) -> str:
-        """sentencepiece decodes runs of pieces (so byte-fallback pieces become characters); special tokens stay."""
-        text, pieces = "", []
-        for token in tokens:
-            if token in self.all_special_tokens:
-                text += self.sp_model.decode(pieces) + token
-                pieces = []
-            else:
-                pieces.append(token)
-        return text + self.sp_model.decode(pieces)
-
-
-def load_llm_tokenizer(
-    path: str | os.PathLike, *, add_bos_token: bool | None = None, add_eos_token: bool | None = None
-) -> PreTrainedTokenizerBase:
-    """The tokenizer of an LLM folder, without remote code.
-
-    - Baichuan (config.json or tokenizer_config.json says so): ``SentencePieceTokenizer`` over ``tokenizer.model``,
-      with no ``<s>`` or ``</s>`` added unless tokenizer_config.json or the arguments say so (Baichuan-7B's own
-      tokenizer_config.json sets both off).
-    - Otherwise ``tokenizer.json`` (fast), else ``tokenizer.model`` (``SentencePieceTokenizer``; without a
-      tokenizer_config.json it adds ``<s>`` and not ``</s>``, as Llama's tokenizers do), else ``vocab.json`` +
-      ``merges.txt`` (GPT-2/OPT byte-level BPE), through ``AutoTokenizer`` where the folder names a class.
-
-    ``add_bos_token``/``add_eos_token`` override the folder's choice. A missing pad token falls back to unk (id 0 in
-    Llama and Baichuan, the seed's pad_token_id), else eos. ``padding_side`` is "left", so a generation batch ends
-    at the last real token; pass ``padding_side="right"`` per call for training targets.
-    """
-    folder = _existing_folder(Path(path).expanduser(), "tokenizer")
-    tokenizer = _read_tokenizer(folder)
-    if add_bos_token is not None:
-        tokenizer.add_bos_token = add_bos_token
-    if add_eos_token is not None:
-        tokenizer.add_eos_token = add_eos_token
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
-    tokenizer.padding_side = "left"
-    return tokenizer
-
-
-def has_tokenizer_files(folder: str | os.PathLike) -> bool:
-    """Whether ``folder`` holds tokenizer files ``load_llm_tokenizer`` reads (one of ``TOKENIZER_FILES``)."""
-    folder = Path(folder).expanduser()
-    return (folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file() or (
-        (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file())
-
-
-def _read_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
-    model_config = _read_json(folder / CONFIG_FILE) if (folder / CONFIG_FILE).is_file() else {}
-    tokenizer_config_file = folder / "tokenizer_config.json"
-    tokenizer_config = _read_json(tokenizer_config_file) if tokenizer_config_file.is_file() else {}
-    baichuan = is_baichuan(model_config) or "baichuan" in str(tokenizer_config.get("tokenizer_class", "")).lower()
-    has_sentencepiece = (folder / "tokenizer.model").is_file()
-    if baichuan and has_sentencepiece:
-        return _sentencepiece_tokenizer(folder, tokenizer_config, add_bos_default=False)
-    if (folder / "tokenizer.json").is_file():
-        return _auto_tokenizer(folder, fallback=lambda: PreTrainedTokenizerFast(
-            tokenizer_file=str(folder / "tokenizer.json"), **_special_tokens(tokenizer_config)))
-    if has_sentencepiece:
-        return _sentencepiece_tokenizer(folder, tokenizer_config, add_bos_default=True)
-    if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-        from transformers import GPT2Tokenizer
-
-        return _auto_tokenizer(folder, fallback=lambda: GPT2Tokenizer(
-            vocab_file=str(folder / "vocab.json"), merges_file=str(folder / "merges.txt")))
-    raise LLMLoadError(f"{folder} has no tokenizer files: looked for {', '.join(TOKENIZER_FILES)}")
-
-
-def _auto_tokenizer(folder: Path, fallback) -> PreTrainedTokenizerBase:
-    """AutoTokenizer where the folder names a tokenizer class transformers has; ``fallback()`` otherwise."""
-    try:
-        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False, local_files_only=True)
-    except (ValueError, OSError, KeyError) as error:
-        logger.info("AutoTokenizer cannot read %s (%s); reading its files directly", folder, error)
-        return fallback()
-
-
-def _special_tokens(tokenizer_config: dict[str, Any]) -> dict[str, str]:
-    """unk/bos/eos/pad strings of a tokenizer_config.json (old files store them as {"content": ...})."""
-    tokens = {}
-    for name in ("unk_token", "bos_token", "eos_token", "pad_token"):
-        value = tokenizer_config.get(name)
-        if isinstance(value, dict):
-            value = value.get("content")
-        if isinstance(value, str):
-            tokens[name] = value
-    return tokens
-
-
-def _sentencepiece_tokenizer(
-    folder: Path, tokenizer_config: dict[str, Any], add_bos_default: bool
-) -> SentencePieceTokenizer:
-    return SentencePieceTokenizer(
-        vocab_file=str(folder / "tokenizer.model"),
-        add_bos_token=bool(tokenizer_config.get("add_bos_token", add_bos_default)),
-        add_eos_token=bool(tokenizer_config.get("add_eos_token", False)),
-        **_special_tokens(tokenizer_config),
-    )
-
