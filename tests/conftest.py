@@ -1,5 +1,5 @@
 """The shared pytest fixtures (every fixture more than one test module uses lives here). Plain helpers are in
-``helpers.py``; ``tiny_config`` and ``text_batch`` are also importable from here for older imports."""
+``helpers.py``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from blip2.config import Blip2Config
-from tests.helpers import text_batch, tiny_config  # noqa: F401  (re-exported for `from conftest import tiny_config`)
+from tests.helpers import tiny_config
 
 
 @pytest.fixture(scope="module")
