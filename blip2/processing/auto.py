@@ -36,7 +36,7 @@ def model_source(model, source: str | os.PathLike | None = None) -> str | os.Pat
 
 def image_processor_for(model, source: str | os.PathLike | None, seed: int | None = None) -> Blip2ImageProcessor:
     """The image processor saved with ``source`` (a preset or a folder) if any, else one from the model's config."""
-    if source is not None and (str(source) in registry.PRESETS or Path(source).is_dir()):
+    if saved_folder(source) is not None:  # a preset, or a folder (a lone .pth file carries no processor)
         with contextlib.suppress(FileNotFoundError):
             return Blip2ImageProcessor.from_pretrained(source, seed=seed)
     config = model.config
