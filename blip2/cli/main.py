@@ -1,5 +1,5 @@
-"""``blip2`` command line: run | convert | demo. Thin: parse, build the config, call the library; a problem with
-the user's input is one line on stderr and exit status 2.
+"""``blip2`` command line: run | convert | shard | demo | extract. Thin: parse, build the config, call the
+library; a problem with the user's input is one line on stderr and exit status 2.
 
     blip2 run --config configs/blip2/run_blip2_quickstart.yaml --run_mode train
     torchrun --nproc_per_node 2 -m blip2 run --config ... --run_mode train
@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from blip2.cli import convert, demo, run
+from blip2.cli import convert, demo, extract, run, shard
 from blip2.config import ConfigError
 from blip2.engine.trainer import NonFiniteLossError
 from blip2.files import OutputWriteError
@@ -29,8 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run.add_arguments(sub.add_parser("run", help="train, evaluate or predict from a run YAML"))
     convert.add_arguments(sub.add_parser("convert", help="turn LAVIS / Hugging Face weights into our folder"))
+    shard.add_arguments(sub.add_parser("shard", help="write webdataset tar shards (image + captions) for streaming "
+                                                     "training"))
     demo.add_arguments(sub.add_parser("demo", help="generate data, train the quickstart model, evaluate, show "
                                                    "predictions"))
+    extract.add_arguments(sub.add_parser("extract", help="embed an image folder into safetensors feature shards"))
     return parser
 
 
@@ -42,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return run.cmd_run(args)
+        if args.command == "extract":
+            return extract.cmd_extract(args)
+        if args.command == "shard":
+            return shard.cmd_shard(args)
         demo.run_demo(args.output_dir, steps=args.steps, device=args.device, stage2_steps=args.stage2_steps)
         return 0
     except USER_ERRORS as error:

@@ -1,4 +1,5 @@
-"""Caption, retrieval and classification data sets, batch collation and the generated shapes data set."""
+"""Caption, retrieval and classification data sets, tar shards (write and stream), batch collation and the generated
+shapes data set."""
 
 from blip2.data.captions import (
     ImageCaptionDataset,
@@ -9,6 +10,7 @@ from blip2.data.captions import (
 from blip2.data.classification import Cifar100Dataset, ImageFolderDataset, readable_class_name
 from blip2.data.collate import ImageCaptionLMCollator, ImageCollator, ImageTextCollator
 from blip2.data.shapes import ShapesDatasetInfo, generate_shapes_dataset, shapes_caption_fields
+from blip2.data.shards import ShardedCaptions, annotation_images, folder_images, read_manifest, write_shards
 
 __all__ = [
     "MultiImgCapDataLoader",
@@ -24,4 +26,9 @@ __all__ = [
     "ShapesDatasetInfo",
     "generate_shapes_dataset",
     "shapes_caption_fields",
+    "ShardedCaptions",
+    "write_shards",
+    "annotation_images",
+    "folder_images",
+    "read_manifest",
 ]

@@ -16,8 +16,8 @@ from torch.utils.data import Dataset
 
 from blip2 import registry
 from blip2.config import Blip2Config
-from blip2.engine.run_config import (DATA_LOADER_TYPES, STAGE1_TOKENIZER_TYPES, STAGE2_ARCHS, DatasetConfig,
-                                     RunConfig)
+from blip2.engine.run_config import (DATA_LOADER_TYPES, SHARD_LOADER_TYPE, STAGE1_TOKENIZER_TYPES, STAGE2_ARCHS,
+                                     DatasetConfig, RunConfig)
 
 logger = logging.getLogger("blip2")
 
@@ -220,7 +220,24 @@ def build_dataset(cfg: DatasetConfig | None, train: bool) -> Dataset | None:
         )
     if loader.type == "ImageFolderDataset":
         return data.ImageFolderDataset(root)
+    if loader.type == SHARD_LOADER_TYPE:
+        return shard_dataset(cfg, train)
     if loader.type in ("Cifar100DataLoader", "Cifar100Dataset"):
         split = loader.stage if loader.stage in ("train", "test") else "test"
         return data.Cifar100Dataset(root, split=split, fine_label=loader.fine_label)
     raise ValueError(f"unknown data_loader.type {loader.type!r}; available: {', '.join(DATA_LOADER_TYPES)}")
+
+
+def shard_dataset(cfg: DatasetConfig, train: bool):
+    """``data_loader.type: WebDataset``: the shard sets streamed for training (relative paths from dataset_dir);
+    the rank and world size come from torch.distributed when the data is read."""
+    from blip2.data.shards import ShardedCaptions
+
+    loader = cfg.data_loader
+    if not train:
+        raise ValueError(f"data_loader.type {SHARD_LOADER_TYPE} streams training data; an eval_dataset needs "
+                         "MultiImgCapDataLoader (retrieval evaluation reads every image and caption by index)")
+    root = Path(loader.dataset_dir or ".").expanduser()
+    return ShardedCaptions([root / Path(path).expanduser() for path in loader.shards], loader.weights,
+                           shuffle=loader.shuffle, shuffle_buffer=loader.shuffle_buffer, on_error=loader.on_error,
+                           prompt=cfg.text_transforms.prompt, max_words=cfg.text_transforms.max_words)

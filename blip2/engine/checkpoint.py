@@ -5,6 +5,9 @@ A checkpoint is a folder ``<output_dir>/checkpoints/step_XXXXXXXX/`` holding the
 epoch, position in the epoch) and one ``rng_rank{r}.pt`` per process. It is written under a temporary name and renamed
 when complete, so a crash never leaves a folder that looks finished. The ``.pt`` files hold only tensors and plain
 Python values and are read with ``weights_only=True``: a crafted file cannot run code on ``--resume``.
+
+Under ``parallel.strategy: fsdp`` the model and the optimizer go instead to ``dcp/``, written by every rank through
+``torch.distributed.checkpoint`` (its own format, no pickled code): a run on another number of processes loads it.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ logger = logging.getLogger("blip2")
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _STAGING_DIR = re.compile(r"^\.tmp_step_(\d+)$")
 TRAINER_STATE = "trainer_state.pt"
+DCP_DIR = "dcp"  # torch.distributed.checkpoint's folder: model + optimizer, sharded (parallel.strategy: fsdp)
 _NEARLY_FULL = 2**20  # bytes: a write that failed with less than this left was stopped by a full disk
 _UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
 
@@ -136,10 +140,13 @@ def checkpoint_config(model: torch.nn.Module):
 
 
 def save_checkpoint(output_dir: str | Path, step: int, model: torch.nn.Module, trainer_state: dict[str, Any],
-                    save_total_limit: int = 0, rng: dict[str, Any] | None = None) -> Path:
+                    save_total_limit: int = 0, rng: dict[str, Any] | None = None,
+                    optimizer: torch.optim.Optimizer | None = None) -> Path:
     """Every rank writes its RNG state (``rng``, default: the current one); rank 0 writes the rest and publishes the
     folder by renaming it. A failed write on any rank removes the staging folder and raises ``CheckpointError``
-    on every rank (no rank is left waiting)."""
+    on every rank (no rank is left waiting). With ``optimizer`` (``parallel.strategy: fsdp``) the model and the
+    optimizer go to ``dcp/`` through ``torch.distributed.checkpoint``, every rank writing its shards, instead of
+    ``model/`` and the trainer state's ``optimizer``; any world size can load them."""
     final = checkpoint_dir(output_dir, step)
     staging = final.with_name(f".tmp_{final.name}")
     needed = _checkpoint_bytes(model, trainer_state) if distributed.is_main_process() else 0
@@ -160,9 +167,15 @@ def save_checkpoint(output_dir: str | Path, step: int, model: torch.nn.Module, t
             torch.save(rng if rng is not None else rng_state(), staging / f"rng_rank{distributed.rank()}.pt")
         except (OSError, RuntimeError) as err:
             error = err
+        if optimizer is not None and distributed.all_true(error is None):
+            try:
+                save_sharded(staging / DCP_DIR, model, optimizer)
+            except Exception as err:  # noqa: BLE001 -- DCP wraps every rank's failure in its own type
+                error = err
         if distributed.all_true(error is None) and distributed.is_main_process():
             try:
-                save_pretrained(model, staging / "model", config=checkpoint_config(model))
+                if optimizer is None:
+                    save_pretrained(model, staging / "model", config=checkpoint_config(model))
                 torch.save(trainer_state, staging / TRAINER_STATE)
                 shutil.rmtree(final, ignore_errors=True)
                 staging.rename(final)
@@ -181,6 +194,30 @@ def save_checkpoint(output_dir: str | Path, step: int, model: torch.nn.Module, t
     return final
 
 
+def save_sharded(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Model and optimizer state through DCP (a collective: every rank writes its shards, rank 0 the metadata)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(folder))
+
+
+def load_sharded(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Read a DCP folder into ``model`` and ``optimizer`` whatever the world size that wrote it (DCP reshards)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    try:
+        dcp.load(state, checkpoint_id=str(folder))
+    except Exception as error:  # noqa: BLE001 -- DCP raises its own types for a missing or mismatched tensor
+        reason = " ".join(str(error).split())[:300] or type(error).__name__
+        raise CheckpointError(f"{folder}: cannot load the sharded checkpoint ({reason})") from None
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
 def _load_plain(path: Path) -> Any:
     """A ``.pt`` file of tensors and plain values; anything that would need code to rebuild is refused."""
     try:
@@ -196,12 +233,18 @@ def _load_plain(path: Path) -> Any:
 
 
 def weights_are_finite(path: str | Path) -> bool:
-    """Whether a checkpoint's model weights are all finite (checked before resuming from it)."""
+    """Whether a checkpoint's model weights are all finite (checked before resuming from it). A DCP checkpoint
+    counts as finite: its trainable weights were checked before it was written."""
+    if (Path(path) / DCP_DIR).is_dir():
+        return True
     return all_finite(read_state_dict(Path(path) / "model" / WEIGHTS_NAME).values())
 
 
-def load_checkpoint(path: str | Path, model: torch.nn.Module) -> dict[str, Any]:
-    """Load the model weights and this rank's RNG state; return the trainer state for the caller to apply."""
+def load_checkpoint(path: str | Path, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+    """Load the model weights and this rank's RNG state; return the trainer state for the caller to apply. A DCP
+    checkpoint (``dcp/``) also loads ``optimizer``; a rank with no RNG file of its own (a larger world size than the
+    one that saved) keeps its current RNG state."""
     path = Path(path)
     if not (path / TRAINER_STATE).is_file():
         raise FileNotFoundError(f"{path} is not a complete training checkpoint (no {TRAINER_STATE})")
@@ -210,7 +253,12 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module) -> dict[str, Any]:
         raise CheckpointError(f"{path / TRAINER_STATE}: not a blip2 trainer state (no 'step')")
     rng_file = path / f"rng_rank{distributed.rank()}.pt"
     rng = _load_plain(rng_file) if rng_file.is_file() else None
-    load_into(model, read_state_dict(path / "model" / WEIGHTS_NAME), source=str(path))
+    if (path / DCP_DIR).is_dir():
+        if optimizer is None:
+            raise CheckpointError(f"{path}: a sharded (DCP) checkpoint; loading it needs the optimizer")
+        load_sharded(path / DCP_DIR, model, optimizer)
+    else:
+        load_into(model, read_state_dict(path / "model" / WEIGHTS_NAME), source=str(path))
     if rng is not None:
         trainer_state["rng"] = rng
     return trainer_state

@@ -3,6 +3,7 @@ stage-1 losses are handed, DDP wrapping, and small collective helpers. One proce
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 
@@ -37,7 +38,16 @@ def init_from_env(device: torch.device) -> bool:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+    timeout = datetime.timedelta(minutes=30)
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if attempt == 0:
+        dist.init_process_group(backend=backend, timeout=timeout)
+        return True
+    # an elastic restart: torchrun's store still holds the dead attempt's addresses under the same keys, so this
+    # attempt's process group keeps its keys apart
+    store, rank_, size = next(dist.rendezvous("env://", timeout=timeout))
+    dist.init_process_group(backend=backend, store=dist.PrefixStore(f"blip2_attempt_{attempt}", store), rank=rank_,
+                            world_size=size, timeout=timeout)
     return True
 
 
@@ -99,16 +109,130 @@ def feature_gather() -> FeatureGather:
     return DistributedGather() if is_distributed() and world_size() > 1 else LOCAL
 
 
-def wrap_model(model: nn.Module, device: torch.device) -> nn.Module:
-    """DDP when running distributed (frozen towers hold no gradients, so no unused-parameter search is needed)."""
-    if not is_distributed() or world_size() == 1:
+def data_parallel_mesh(parallel_config=None, device: torch.device | None = None):
+    """The 1-D data-parallel device mesh (``parallel.data_parallel`` x ``parallel.model_parallel`` = world size);
+    None in one process. A config that disagrees with the launch is one line (``ConfigError``)."""
+    size = world_size()
+    if parallel_config is not None:
+        size = parallel_config.data_parallel_size(size)
+    if not is_distributed():
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+
+    device_type = device.type if device is not None else "cpu"
+    return init_device_mesh(device_type, (size,), mesh_dim_names=("dp",))
+
+
+def llm_blocks(language_model: nn.Module) -> list[nn.Module]:
+    """The decoder layers of a transformers causal LM: the ModuleList as long as ``config.num_hidden_layers``."""
+    count = getattr(getattr(language_model, "config", None), "num_hidden_layers", None)
+    for module in language_model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == count:
+            return list(module)
+    return []
+
+
+def checkpoint_activations(blocks: list[nn.Module]) -> None:
+    """Recompute each block's activations in the backward pass instead of keeping them (non-reentrant)."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in blocks:
+        if getattr(block, "blip2_checkpointed", False):
+            continue
+        forward = block.forward
+
+        def checkpointed(*args, forward=forward, **kwargs):
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+        block.forward = checkpointed
+        block.blip2_checkpointed = True
+
+
+def wrap_model(model: nn.Module, device: torch.device, parallel_config=None) -> nn.Module:
+    """DDP when running distributed (frozen towers hold no gradients, so no unused-parameter search is needed), or
+    FSDP2 (``fully_shard``) with ``parallel.strategy: fsdp``; activation checkpointing on the LLM blocks if asked."""
+    mesh = data_parallel_mesh(parallel_config, device)
+    llm = getattr(model, "language_model", None)
+    if parallel_config is not None and parallel_config.activation_checkpointing and llm is not None:
+        checkpoint_activations(llm_blocks(llm))
+    if mesh is None or world_size() == 1:
         return model
+    if parallel_config is not None and parallel_config.strategy == "fsdp":
+        return shard_model(model, mesh, shard_llm=parallel_config.llm == "shard")
     device_ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=False)
 
 
+def shard_model(model: nn.Module, mesh, shard_llm: bool) -> nn.Module:
+    """FSDP2: each LLM block and the LLM sharded on their own (``shard_llm``) or the LLM left whole on every process,
+    then the root (Q-Former, projection, query tokens, frozen vision tower): its gradients are reduce-scattered and
+    averaged over the mesh, as DDP averages them."""
+    from torch.distributed.fsdp import fully_shard
+
+    scalars = [name for name, param in model.named_parameters() if param.ndim == 0]
+    if scalars:  # stage 1's contrastive temperature: FSDP2 shards along dim 0, which a scalar lacks
+        raise ValueError(f"parallel.strategy: fsdp cannot shard {type(model).__name__}: it holds scalar parameters "
+                         f"({', '.join(scalars)}); use strategy: ddp for it (fsdp is for stage 2)")
+    llm = getattr(model, "language_model", None)
+    ignored = None
+    if llm is not None and shard_llm:
+        for block in llm_blocks(llm):
+            fully_shard(block, mesh=mesh)
+        embeddings, head = llm.get_input_embeddings(), llm.get_output_embeddings()
+        tied = head is not None and head.weight is embeddings.weight  # one group for a tied pair
+        # its own group: the model embeds the caption outside llm.forward
+        fully_shard([embeddings, head] if tied else embeddings, mesh=mesh)
+        fully_shard(llm, mesh=mesh)
+    elif llm is not None:
+        ignored = set(llm.parameters())
+    fully_shard(model, mesh=mesh, ignored_params=ignored)
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model`` was wrapped by FSDP2 (its state dict holds DTensor shards)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
+    """The model DDP wraps; an FSDP2 model is its own (sharded in place)."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's tensors, on the CPU: a collective under FSDP2 (every rank calls it; rank 0 gets them all,
+    the others an empty dict); the plain state dict otherwise."""
+    if not is_sharded(model):
+        return {key: value.detach().cpu() for key, value in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+@contextlib.contextmanager
+def gathered(model: nn.Module):
+    """Inside the block ``model`` holds its whole weights as plain tensors (FSDP2: on rank 0 only; a collective that
+    every rank enters), so ``save_pretrained`` writes a plain folder; the shards are put back after it."""
+    if not is_sharded(model):
+        yield model
+        return
+    state = full_state_dict(model)
+    swapped = []
+    if state:  # by identity, so tied weights stay tied
+        whole = {id(param): nn.Parameter(state[name], requires_grad=param.requires_grad)
+                 for name, param in model.named_parameters()}
+        for owner in model.modules():
+            for leaf, param in list(owner._parameters.items()):
+                if param is not None and id(param) in whole:
+                    swapped.append((owner, leaf, param))
+                    owner._parameters[leaf] = whole[id(param)]
+    try:
+        yield model
+    finally:
+        for owner, leaf, param in swapped:
+            owner._parameters[leaf] = param
 
 
 def all_true(flag: bool) -> bool:
@@ -133,3 +257,28 @@ def all_gather_objects(obj):
     out = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def all_gather_varlen(tensor: torch.Tensor | None) -> torch.Tensor:
+    """Concatenate along dim 0 over ranks, in rank order, when ranks hold different numbers of rows; None stands for
+    no rows (its other dims and dtype are taken from a rank that has some). Rows are padded to the longest share
+    for the gather and the padding is dropped again, so the result holds exactly the ranks' rows."""
+    if not is_distributed() or world_size() == 1:
+        if tensor is None:
+            raise ValueError("nothing to gather: no process holds any rows")
+        return tensor.detach()
+    shape = None if tensor is None else (tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."))
+    shapes = all_gather_objects(shape)
+    known = [s for s in shapes if s is not None]
+    if not known:
+        raise ValueError("nothing to gather: no process holds any rows")
+    trailing, dtype = known[0][0][1:], getattr(torch, known[0][1])
+    sizes = [s[0][0] if s is not None else 0 for s in shapes]
+    device = tensor.device if tensor is not None else (
+        torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu"))
+    padded = torch.zeros((max(sizes), *trailing), dtype=dtype, device=device)
+    if tensor is not None:
+        padded[: tensor.shape[0]] = tensor.detach()
+    chunks = [torch.empty_like(padded) for _ in range(world_size())]
+    dist.all_gather(chunks, padded)
+    return torch.cat([chunk[:size] for chunk, size in zip(chunks, sizes)], dim=0)

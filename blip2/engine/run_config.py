@@ -15,7 +15,9 @@ from blip2.config import Blip2Config, ConfigBase, ConfigError
 
 RUN_MODES = ("train", "eval", "predict")
 # the names each ``type`` key accepts (the seed's names first); anything else is an error naming these
-DATA_LOADER_TYPES = ("MultiImgCapDataLoader", "ImageFolderDataset", "Cifar100DataLoader", "Cifar100Dataset")
+DATA_LOADER_TYPES = ("MultiImgCapDataLoader", "ImageFolderDataset", "Cifar100DataLoader", "Cifar100Dataset",
+                     "WebDataset")
+SHARD_LOADER_TYPE = "WebDataset"  # tar shards written by `blip2 shard`, streamed (training only)
 TEXT_TRANSFORM_TYPES = ("CaptionTransform",)
 # BertTokenizer: the Q-Former's WordPiece (stage 1); LlamaTokenizer / AutoTokenizer: the LLM's own tokenizer (stage 2)
 TOKENIZER_TYPES = ("BertTokenizer", "LlamaTokenizer", "AutoTokenizer")
@@ -27,6 +29,8 @@ STAGE2_ARCHS = ("Blip2ImageToTextGeneration", "Blip2Llm")
 OPTIMIZER_TYPES = ("adamw", "AdamW", "AdamWeightDecay")
 # linear warm-up then cosine decay to lr_end is the only schedule: MindFormers calls it CosineWithWarmUpLR
 LR_SCHEDULE_TYPES = ("cosine", "CosineWithWarmUpLR")
+PARALLEL_STRATEGIES = ("ddp", "fsdp")
+LLM_PLACEMENTS = ("replicate", "shard")
 
 
 def _check_choice(key: str, value: Any, valid: tuple[str, ...]) -> None:
@@ -45,11 +49,32 @@ class DataLoaderConfig(ConfigBase):
     on_error: str = "skip"  # an unreadable training image: skip and count, or raise
     fine_label: bool = True  # CIFAR-100: fine (100) or coarse (20) labels
     hypothesis_template: str | None = None  # zero-shot classification prompt, e.g. "a picture of {}"
+    # type WebDataset: shard-set folders (each with the manifest.json `blip2 shard` writes; relative paths are read
+    # from dataset_dir); several with weights: a resampled weighted mix; shuffle_buffer: items in the shuffle buffer
+    shards: list[str] = field(default_factory=list)
+    weights: list[float] | None = None
+    shuffle_buffer: int = 1000
 
     def validate(self) -> None:
         _check_choice("data_loader.type", self.type, DATA_LOADER_TYPES)
         if self.on_error not in ("skip", "raise"):
             raise ConfigError(f"data_loader.on_error={self.on_error!r} must be 'skip' or 'raise'")
+        self._check_shards()
+
+    def _check_shards(self) -> None:
+        if self.type != SHARD_LOADER_TYPE:
+            if self.shards or self.weights is not None:
+                raise ConfigError(f"data_loader.shards and data_loader.weights are read only by type "
+                                  f"{SHARD_LOADER_TYPE}, not {self.type}")
+            return
+        if not self.shards or not isinstance(self.shards, list):
+            raise ConfigError(f"data_loader.type {SHARD_LOADER_TYPE} needs data_loader.shards: a list of shard-set "
+                              "folders written by `blip2 shard`")
+        if self.weights is not None and (not isinstance(self.weights, list) or len(self.weights) != len(self.shards)
+                                         or not all(isinstance(w, (int, float)) and w > 0 for w in self.weights)):
+            raise ConfigError(f"data_loader.weights={self.weights!r} must be one positive number per shard set "
+                              f"({len(self.shards)})")
+        _check_at_least("data_loader", 0, shuffle_buffer=self.shuffle_buffer)
 
 
 @dataclass
@@ -206,15 +231,44 @@ class LrScheduleConfig(ConfigBase):
 
 @dataclass
 class ParallelConfig(ConfigBase):
-    """The seed's ``parallel`` section. Under torchrun the Trainer always runs data parallel (DDP: NCCL on GPU, gloo on
-    CPU), which averages gradients over processes; ``gradients_mean: true`` says so and ``false`` is refused."""
+    """The seed's ``parallel`` section. Under torchrun the Trainer runs data parallel over a 1-D device mesh of
+    ``data_parallel`` processes (NCCL on GPU, gloo on CPU), gradients averaged over processes. ``strategy``: ``ddp``
+    (replicas) or ``fsdp`` (FSDP2 ``fully_shard``; checkpoints through ``torch.distributed.checkpoint``); ``llm``:
+    under fsdp, whether the frozen LLM is sharded (``shard``) or kept whole on every process (``replicate``);
+    ``activation_checkpointing``: recompute the LLM blocks' activations in the backward pass."""
 
     gradients_mean: bool = True
+    data_parallel: int = -1  # -1: world size / model_parallel
+    model_parallel: int = 1
+    strategy: str = "ddp"  # ddp | fsdp
+    llm: str = "replicate"  # shard | replicate (fsdp only)
+    activation_checkpointing: bool = False
 
     def validate(self) -> None:
         if self.gradients_mean is not True:
             raise ConfigError(f"parallel.gradients_mean={self.gradients_mean!r} is not supported: data-parallel "
                               "training averages gradients over processes (scale learning_rate to change the step)")
+        _check_choice("parallel.strategy", self.strategy, PARALLEL_STRATEGIES)
+        _check_choice("parallel.llm", self.llm, LLM_PLACEMENTS)
+        if self.model_parallel != 1:
+            raise ConfigError(f"parallel.model_parallel={self.model_parallel!r} is not supported: only data "
+                              "parallel (model_parallel: 1) is implemented; use strategy: fsdp with llm: shard to "
+                              "spread a large LLM over processes")
+        if not isinstance(self.data_parallel, int) or isinstance(self.data_parallel, bool) or (
+                self.data_parallel < 1 and self.data_parallel != -1):
+            raise ConfigError(f"parallel.data_parallel={self.data_parallel!r} must be a positive number of processes "
+                              "or -1 (the world size)")
+        if not isinstance(self.activation_checkpointing, bool):
+            raise ConfigError(f"parallel.activation_checkpointing={self.activation_checkpointing!r} must be true or "
+                              "false")
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """The data-parallel mesh size for ``world_size`` processes; one line when the config disagrees."""
+        expected = world_size // self.model_parallel
+        if self.data_parallel not in (-1, expected):
+            raise ConfigError(f"parallel.data_parallel={self.data_parallel} but {world_size} processes were launched "
+                              f"(model_parallel={self.model_parallel}): set data_parallel to {expected} or -1")
+        return expected
 
 
 @dataclass

@@ -1,14 +1,17 @@
 """The Trainer: one training loop every task plugs into, plus evaluate() and predict().
 
 ``train()`` = set up (device, process group, seed), load or resume, then loop {step, log, save}; a final checkpoint
-and ``<output_dir>/model/`` (loadable by ``from_pretrained``) at the end. Under torchrun the model is wrapped in DDP,
-the data is sharded by a seeded sampler, stage-1 gathers span all ranks, and only rank 0 logs and writes.
+and ``<output_dir>/model/`` (loadable by ``from_pretrained``) at the end. Under torchrun the model is wrapped in DDP
+(or sharded by FSDP2, ``parallel.strategy: fsdp``, with DCP checkpoints), the data is sharded by a seeded sampler,
+stage-1 gathers span all ranks, and only rank 0 logs and writes. An elastic restart (torchrun --max-restarts) resumes
+from the newest checkpoint by itself.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -23,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
 from blip2.config import Blip2Config
@@ -96,8 +99,8 @@ class _TrainRun:
     raw_model: torch.nn.Module
     dataset_cfg: DatasetConfig
     batch_size: int
-    seeded: "EpochSeeded"
-    sampler: ResumableDistributedSampler
+    seeded: "EpochSeeded"  # or a stream (an IterableDataset of tar shards)
+    sampler: ResumableDistributedSampler | None  # None: a stream
     batches_per_epoch: int
     total_steps: int
     optimizer: torch.optim.Optimizer
@@ -116,10 +119,12 @@ class _TrainRun:
         self.rng = ckpt.rng_state()
 
     def trainer_state(self, trainer: "Trainer") -> dict[str, Any]:
+        """What the JSON-free ``trainer_state.pt`` holds; the optimizer goes to DCP instead under FSDP."""
         epoch, batches, num_skipped = self.step_position
         if batches >= self.batches_per_epoch:
             epoch, batches = epoch + 1, 0
-        return {"optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
+        optimizer = {} if trainer.sharded_checkpoints else {"optimizer": self.optimizer.state_dict()}
+        return {**optimizer, "schedule": self.schedule.state_dict(),
                 "scaler": self.scaler.state_dict(), "step": trainer.global_step, "epoch": epoch,
                 "batches_in_epoch": batches, "num_skipped": num_skipped, "config": trainer.config.to_dict()}
 
@@ -366,6 +371,10 @@ class Trainer:
             raise ValueError("runner_config.epochs=0 and max_steps<=0 train nothing: set epochs >= 1, or max_steps "
                              ">= 1 (max_steps 0 or -1 means the epochs decide)")
         resume = self.config.resume if resume is None else resume
+        if not resume and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+            resume = True  # torchrun --max-restarts restarted the job: continue from its last checkpoint
+            logger.warning("elastic restart %s: resuming from the latest checkpoint in %s",
+                           os.environ["TORCHELASTIC_RESTART_COUNT"], self.output_dir)
         self._prepare_output_dir(fresh=not resume)
         run = self._start_run()
         self._resume(run, resume)
@@ -413,18 +422,11 @@ class Trainer:
     def _start_run(self) -> "_TrainRun":
         """Wrap the model, shard the data and build optimizer, schedule and scaler for this run."""
         cfg, runner = self.config, self.config.runner_config
-        raw_model = distributed.unwrap(self.model)
-        self.model = distributed.wrap_model(raw_model, self.device)
+        self.model = distributed.wrap_model(distributed.unwrap(self.model), self.device, cfg.parallel)
+        raw_model = distributed.unwrap(self.model)  # FSDP2 shards the model in place: it is its own
         dataset_cfg = cfg.train_dataset or DatasetConfig()
         batch_size = dataset_cfg.batch_size or runner.batch_size
-        seeded = EpochSeeded(self.train_dataset, cfg.seed)
-        sampler = ResumableDistributedSampler(len(seeded), distributed.world_size(), distributed.rank(),
-                                              shuffle=dataset_cfg.data_loader.shuffle, seed=cfg.seed)
-        batches_per_epoch = len(sampler) // batch_size if dataset_cfg.drop_remainder else math.ceil(
-            len(sampler) / batch_size)
-        if batches_per_epoch == 0:
-            raise ValueError(f"batch_size={batch_size} is larger than this process's share of the data "
-                             f"({len(sampler)} items)")
+        seeded, sampler, batches_per_epoch = self._train_data(dataset_cfg, batch_size)
         steps_per_epoch = max(1, batches_per_epoch // runner.gradient_accumulation_steps)
         total_steps = runner.max_steps if runner.max_steps > 0 else steps_per_epoch * runner.epochs
         schedule_cfg = cfg.lr_schedule
@@ -455,8 +457,9 @@ class Trainer:
             self.config.to_yaml(self.output_dir / "run_config.yaml")
         if path is None:
             return
-        state = ckpt.load_checkpoint(path, run.raw_model)
-        run.optimizer.load_state_dict(state["optimizer"])
+        state = ckpt.load_checkpoint(path, run.raw_model, run.optimizer)
+        if "optimizer" in state:
+            run.optimizer.load_state_dict(state["optimizer"])
         run.schedule.load_state_dict(state["schedule"])
         run.scaler.load_state_dict(state["scaler"])
         self.global_step, run.epoch, run.batches_done = state["step"], state["epoch"], state["batches_in_epoch"]
@@ -470,7 +473,40 @@ class Trainer:
             truncate_log(self.output_dir / "train_log.jsonl", self.global_step)
         logger.info("resumed from %s at step %d", path, self.global_step)
 
+    # --- the training data: a map-style set with a seeded sampler, or a stream of tar shards ---------------------------
+    def _train_data(self, dataset_cfg: DatasetConfig, batch_size: int):
+        """(what the loader reads, its sampler (None: a stream), batches per epoch on this rank)."""
+        dataset = self.train_dataset
+        if isinstance(dataset, IterableDataset):  # tar shards: the stream splits itself over ranks and workers
+            if not all(hasattr(dataset, name) for name in ("batches_per_epoch", "set_epoch")):
+                raise ValueError(f"an IterableDataset train set needs batches_per_epoch() and set_epoch() (as "
+                                 f"blip2.data.shards.ShardedCaptions has); {type(dataset).__name__} lacks them")
+            batches = dataset.batches_per_epoch(batch_size, dataset_cfg.drop_remainder, dataset_cfg.num_workers)
+            seeded, sampler, items = dataset, None, f"{len(dataset)} items over all processes"
+        else:
+            seeded = EpochSeeded(dataset, self.config.seed)
+            sampler = ResumableDistributedSampler(len(seeded), distributed.world_size(), distributed.rank(),
+                                                  shuffle=dataset_cfg.data_loader.shuffle, seed=self.config.seed)
+            share = len(sampler)
+            batches = share // batch_size if dataset_cfg.drop_remainder else math.ceil(share / batch_size)
+            items = f"{len(sampler)} items"
+        if batches == 0:
+            raise ValueError(f"batch_size={batch_size} is larger than this process's share of the data ({items})")
+        return seeded, sampler, batches
+
+    def _stream_loader(self, run: "_TrainRun", epoch: int, skip: int):
+        """Tar shards: the stream leaves out the ``skip`` batches already taken (resume) and stops after
+        batches_per_epoch, so every rank takes the same number of steps."""
+        run.seeded.set_epoch(epoch, skip, run.batch_size, run.dataset_cfg.drop_remainder, seed=self.config.seed)
+        loader = DataLoader(run.seeded, batch_size=run.batch_size, collate_fn=run.collate,
+                            num_workers=run.dataset_cfg.num_workers, drop_last=run.dataset_cfg.drop_remainder,
+                            generator=torch.Generator().manual_seed(self.config.seed + epoch),  # not the global RNG
+                            persistent_workers=False, pin_memory=self.device.type == "cuda")
+        return itertools.islice(loader, max(0, run.batches_per_epoch - skip))
+
     def _epoch_loader(self, run: "_TrainRun", epoch: int, skip: int) -> DataLoader:
+        if run.sampler is None:
+            return self._stream_loader(run, epoch, skip)
         run.seeded.epoch = epoch
         run.sampler.set_epoch(epoch, skip=skip * run.batch_size)
         return DataLoader(run.seeded, batch_size=run.batch_size, sampler=run.sampler, collate_fn=run.collate,
@@ -547,24 +583,31 @@ class Trainer:
         """Checkpoint the state after the last completed step (once per step); ``final`` also writes model/.
         Non-finite weights are never saved: the run stops, naming the last good checkpoint."""
         if run.saved_at != self.global_step:
-            trainable = [p for p in run.raw_model.parameters() if p.requires_grad]
-            if not ckpt.all_finite(trainable):
+            trainable = [getattr(p, "to_local", p.detach)() for p in run.raw_model.parameters() if p.requires_grad]
+            if not distributed.all_true(ckpt.all_finite(trainable)):
                 last = ckpt.latest_checkpoint(self.output_dir)
                 raise NonFiniteLossError(f"the weights are non-finite (NaN or inf) after step {self.global_step}: not "
                                          f"saving them; last good checkpoint: {last or 'none'}")
             path = ckpt.save_checkpoint(self.output_dir, self.global_step, run.raw_model, run.trainer_state(self),
-                                        self.config.runner_config.save_total_limit, rng=run.rng)
+                                        self.config.runner_config.save_total_limit, rng=run.rng,
+                                        optimizer=run.optimizer if self.sharded_checkpoints else None)
             run.saved_at = self.global_step
             logger.info("saved checkpoint %s", path)
         if final:  # rank 0 writes; a failure there stops every rank (none is left waiting in a collective)
             error: Exception | None = None
-            if self.is_main:
-                try:
-                    self.save_model(run.raw_model, self.output_dir / "model")
-                except Exception as err:  # noqa: BLE001 -- re-raised below, on every rank
-                    error = err
+            with distributed.gathered(run.raw_model) as model:  # FSDP2: the whole weights, on rank 0
+                if self.is_main:
+                    try:
+                        self.save_model(model, self.output_dir / "model")
+                    except Exception as err:  # noqa: BLE001 -- re-raised below, on every rank
+                        error = err
             if not distributed.all_true(error is None):
                 raise error or OutputWriteError(f"rank 0 could not write {self.output_dir / 'model'}")
+
+    @property
+    def sharded_checkpoints(self) -> bool:
+        """Whether checkpoints go through DCP (``parallel.strategy: fsdp``), loadable on any world size."""
+        return self.config.parallel.strategy == "fsdp"
 
     def save_model(self, model, directory: Path) -> None:
         """The model plus what reads its inputs (image settings, vocabulary), so ``pipeline(model=directory)``

@@ -161,3 +161,33 @@ def rerank_scores(itm_fn, sims: torch.Tensor, image_embeds: torch.Tensor, text_i
             queued = 0
     reranker.flush()
     return scores["i2t"], scores["t2i"]
+
+
+@torch.no_grad()
+def rerank_rows(itm_fn, row_sims: torch.Tensor, rows: torch.Tensor, direction: str, image_embeds: torch.Tensor,
+                text_ids: torch.Tensor, text_mask: torch.Tensor, k_test: int, batch_size: int = ITM_PAIRS_PER_CALL,
+                add_itm: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The memory-lean re-rank of some rows: ``row_sims`` (R, C) holds the ITC similarities of rows ``rows`` (R,)
+    of ``direction`` ("i2t": image rows, text columns; "t2i": text rows, image columns). Returns the top
+    ``min(k_test, C)`` columns of each row (R, k) and their scores (R, k): ITC + ITM positive logit, the values
+    ``rerank_scores`` writes there (every other column of the row would be ``FILL``)."""
+    k = min(k_test, row_sims.shape[1])
+    top_sim, top_index = row_sims.topk(k, dim=1)
+    scores = top_sim.float().clone()
+    if not add_itm or scores.numel() == 0:
+        return top_index, scores
+    flat_rows = rows.to(top_index.device).repeat_interleave(k)
+    flat_cols = top_index.reshape(-1)
+    image_index, text_index = (flat_rows, flat_cols) if direction == "i2t" else (flat_cols, flat_rows)
+    itm = []
+    step = max(1, batch_size)
+    for start in range(0, len(flat_rows), step):
+        images, texts = image_index[start : start + step], text_index[start : start + step]
+        itm.append(itm_fn(image_embeds[images], text_ids[texts], text_mask[texts])[:, 1].float())
+    return top_index, scores + torch.cat(itm).view(-1, k).to(scores.device)
+
+
+def dense_from_topk(top_index: torch.Tensor, top_scores: torch.Tensor, num_columns: int) -> torch.Tensor:
+    """(R, k) columns and scores -> the dense (R, num_columns) score matrix, ``FILL`` where nothing was scored."""
+    dense = torch.full((top_index.shape[0], num_columns), FILL, dtype=torch.float32, device=top_scores.device)
+    return dense.scatter_(1, top_index.to(dense.device), top_scores.float())

@@ -4,14 +4,14 @@ same as the pipelines'; retrieval re-ranking is shared out over processes by ``b
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Sequence
 
 import torch
 
-from blip2.engine import distributed
-from blip2.engine.metrics import retrieval_metrics, topk_accuracy
-from blip2.engine.retrieval import rerank_scores
+from blip2.engine import distributed, retrieval
+from blip2.engine.metrics import topk_accuracy
 from blip2.engine.tasks.base import Task, eval_loader
 from blip2.models.scoring import encode_images, encode_texts, label_features, ranked_labels, zero_shot_logits
 from blip2.processing.prompts import DEFAULT_TEMPLATE
@@ -21,6 +21,10 @@ DEFAULT_K_TEST = 128  # ITC candidates re-ranked by ITM without an eval_dataset 
 ITM_PAIRS_PER_IMAGE = 4  # pairs per ITM call, per image of the eval batch size
 CAPTION_MAX_LENGTH = 30  # Q-Former captions of predict()
 TOP_K_ACCURACY = (1, 5)
+TEXTS_PER_BATCH = 4  # texts per text-encoder call of retrieval, per image of the eval batch size
+MAX_ROWS_PER_CHUNK = 32  # similarity rows held at once by the re-rank (32 x 25,000 x Q floats for COCO-5K)
+
+logger = logging.getLogger("blip2")
 
 
 class RetrievalTask(Task):
@@ -32,14 +36,18 @@ class RetrievalTask(Task):
         if dataset is None or not hasattr(dataset, "img2txt"):
             raise ValueError(f"{self.name} needs an eval_dataset with stage 'eval' (captions per image)")
         model = distributed.unwrap(trainer.model).eval()
-        loader = eval_loader(dataset, trainer.image_collator(train=False), trainer.eval_batch_size,
-                         dataset_cfg.num_workers if dataset_cfg else 0)
+        batch_size = trainer.eval_batch_size
+        collate, workers = trainer.image_collator(train=False), dataset_cfg.num_workers if dataset_cfg else 0
         text_length = dataset_cfg.tokenizer.max_length if dataset_cfg else DEFAULT_TEXT_LENGTH
-        image_feats, image_embeds, _ = encode_images(model, loader, trainer.device, autocast=trainer.autocast,
-                                                     progress=trainer.is_main)
-        text_feats, text_ids, text_mask = encode_texts(model, trainer.tokenizer, dataset.texts, text_length,
-                                                       trainer.device)
-        sims = model.similarity(image_feats, text_feats)  # (N_img, N_txt)
+        # each process encodes its own share of the images and texts; the features are gathered
+        image_feats, image_embeds, images_encoded = retrieval.encode_image_share(
+            model, dataset, lambda subset: eval_loader(subset, collate, batch_size, workers), batch_size,
+            trainer.device, autocast=trainer.autocast, progress=trainer.is_main)
+        text_feats, text_ids, text_mask, texts_encoded = retrieval.encode_text_share(
+            model, trainer.tokenizer, dataset.texts, text_length, trainer.device, batch_size * TEXTS_PER_BATCH)
+        logger.debug("rank %d encoded %d images and %d texts", distributed.rank(), images_encoded, texts_encoded)
+        self.last_encoded = {  # this process's share, for logs and tests
+            "images": images_encoded, "texts": texts_encoded}
 
         def itm_fn(images, ids, masks):
             with trainer.autocast():
@@ -47,10 +55,11 @@ class RetrievalTask(Task):
 
         k_test = dataset_cfg.k_test if dataset_cfg else DEFAULT_K_TEST
         add_itm = dataset_cfg.add_extra_itm_score if dataset_cfg else True
-        score_i2t, score_t2i = rerank_scores(itm_fn, sims, image_embeds, text_ids, text_mask, k_test,
-                                             batch_size=trainer.eval_batch_size * ITM_PAIRS_PER_IMAGE, add_itm=add_itm,
-                                             progress=trainer.is_main)
-        return retrieval_metrics(score_i2t.cpu(), score_t2i.cpu(), dataset.img2txt, dataset.txt2img)
+        top = retrieval.topk_scores(itm_fn, model.similarity, image_feats, text_feats, image_embeds, text_ids,
+                                    text_mask, k_test, rows_per_chunk=min(batch_size, MAX_ROWS_PER_CHUNK),
+                                    batch_size=batch_size * ITM_PAIRS_PER_IMAGE, add_itm=add_itm,
+                                    progress=trainer.is_main)
+        return retrieval.topk_retrieval_metrics(top["i2t"], top["t2i"], dataset.img2txt, dataset.txt2img)
 
     def predict(self, trainer, input_data, candidate_texts: Sequence[str] | None = None, top_k: int | None = 3,
                 num_beams: int = 3, max_length: int = CAPTION_MAX_LENGTH, min_length: int = 1,
