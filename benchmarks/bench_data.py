@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
+import subprocess
+import sys
 import shutil
 import statistics
 import tempfile
@@ -24,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import common
@@ -80,8 +84,39 @@ def transform(batch, processor: Blip2ImageProcessor) -> int:
     return len(kept)
 
 
-# TODO(issue 12, sharded evaluation): the memory of evaluating over shards belongs to another part of the issue;
-# its measurement goes here (a function returning rows for its own table), called from main() after the throughput.
+def eval_memory(images: int, texts: int, queries: int = 32, dim: int = 256, k_test: int = 128) -> dict[str, float]:
+    """Peak RSS of the sharded retrieval re-rank (``engine.retrieval.topk_scores``, ITC top-k, ITM off) on random
+    features of COCO-5K's size, measured in this process (call it in a fresh one: ``--eval-memory-only``)."""
+    from blip2.engine import retrieval
+    from blip2.models.stage1 import Blip2Qformer
+
+    generator = torch.Generator().manual_seed(0)
+    image_feats = F.normalize(torch.randn(images, queries, dim, generator=generator), dim=-1)
+    text_feats = F.normalize(torch.randn(texts, dim, generator=generator), dim=-1)
+    inputs_mib = (image_feats.numel() + text_feats.numel()) * 4 / 2**20
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    start = time.perf_counter()
+    empty = torch.zeros(0)
+    retrieval.topk_scores(None, Blip2Qformer.similarity, image_feats, text_feats, empty, empty, empty, k_test,
+                          add_itm=False)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"inputs_mib": inputs_mib, "before_mib": before, "peak_mib": peak, "seconds": seconds,
+            "dense_mib": images * texts * 4 / 2**20}
+
+
+def print_eval_memory(images: int, texts: int) -> None:
+    """Run ``eval_memory`` in a fresh process (its own peak RSS) and print one table."""
+    command = [sys.executable, __file__, "--eval-memory-only", f"{images}x{texts}"]
+    result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+    print()
+    print(f"sharded retrieval re-rank, {images} images x {texts} texts, Q=32, E=256, k_test=128, ITM off, one process")
+    print()
+    row = [f"{result['inputs_mib']:.0f}", f"{result['before_mib']:.0f}", f"{result['peak_mib']:.0f}",
+           f"{result['peak_mib'] - result['before_mib']:.0f}", f"{result['dense_mib']:.0f}",
+           f"{result['seconds']:.0f}"]
+    print(common.markdown_table(["features MiB", "RSS before MiB", "peak RSS MiB", "growth MiB",
+                                 "one N x M float32 MiB (not held)", "s"], [row]))
 
 
 def main() -> None:
@@ -93,7 +128,12 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=64)
     parser.add_argument("--shuffle-buffer", type=int, default=256)
     parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--eval-size", default="5000x25000", help="IMAGESxTEXTS for the re-rank memory ('' skips)")
+    parser.add_argument("--eval-memory-only", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.eval_memory_only:
+        print(json.dumps(eval_memory(*(int(v) for v in args.eval_memory_only.split("x")))))
+        return
     common.start("cpu", threads=1)
     width, height = (int(v) for v in args.size.split("x"))
     root = Path(tempfile.mkdtemp(prefix="bench_data_"))
@@ -117,6 +157,8 @@ def main() -> None:
         print_table(args, times, pairs)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    if args.eval_size:
+        print_eval_memory(*(int(v) for v in args.eval_size.split("x")))
 
 
 def print_table(args, times: dict[str, list[float]], pairs: dict[str, int]) -> None:

@@ -175,8 +175,13 @@ class Blip2Qformer(Blip2PreTrainedModel):
 
     @staticmethod
     def similarity(image_feats: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:
-        """Max-over-queries cosine: image_feats (N_img, Q, E), text_feats (N_txt, E) -> (N_img, N_txt)."""
-        return torch.einsum("iqe,te->itq", image_feats.float(), text_feats.float()).amax(-1)
+        """Max-over-queries cosine: image_feats (N_img, Q, E), text_feats (N_txt, E) -> (N_img, N_txt).
+
+        One (N_img * Q, E) x (E, N_txt) product on a view of the features: no copy of the image features is made
+        (an einsum over ``iqe,te`` permutes them first), which matters when it is called chunk by chunk."""
+        num_images, queries, dim = image_feats.shape
+        scores = image_feats.float().reshape(num_images * queries, dim) @ text_feats.float().t()
+        return scores.view(num_images, queries, -1).amax(1)
 
     def itc_similarity(
         self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
