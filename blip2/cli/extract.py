@@ -31,21 +31,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seeds a model built at random (blip2_tiny), so every process and rerun gets the same")
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda was asked for but no CUDA device is available")
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
 def cmd_extract(args: argparse.Namespace) -> int:
     paths = list_images(args.images)  # a missing or empty folder is an error before any model is read
     if args.batch_size < 1 or args.shard_size < 1:
         raise ValueError(f"--batch_size and --shard_size must be >= 1, got {args.batch_size} and {args.shard_size}")
     if os.path.isfile(args.output):
         raise FileExistsError(f"--output {args.output} is a file, not a folder")
-    device = pick_device(args.device)
+    device = distributed.pick_device(args.device)
     distributed.init_from_env(device)
     torch.manual_seed(args.seed)
     model = Blip2Qformer.from_pretrained(args.model).to(device).eval()

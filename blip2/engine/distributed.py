@@ -15,6 +15,15 @@ from torch import nn
 from blip2.models.gather import LOCAL, FeatureGather
 
 
+def pick_device(name: str) -> torch.device:
+    """``auto`` | ``cpu`` | ``cuda`` -> a device; under torchrun each process takes its LOCAL_RANK's GPU."""
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ValueError("device=cuda was asked for but no CUDA device is available")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 

@@ -219,7 +219,7 @@ class Trainer:
         self.config = config
         self.task: Task = task if isinstance(task, Task) else get_task(config.trainer.type)
         self.task_options = self._task_options(candidate_labels, hypothesis_template)
-        self.device = self._pick_device(config.device)
+        self.device = distributed.pick_device(config.device)
         distributed.init_from_env(self.device)
         self.is_main = distributed.is_main_process()
         setup_logging(self.is_main)
@@ -263,14 +263,6 @@ class Trainer:
         self.image_processor = image_processor or build.image_processor(self.config, raw_model, self.model_source)
 
     # --- construction helpers ------------------------------------------------------------------------------------
-    @staticmethod
-    def _pick_device(name: str) -> torch.device:
-        if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-            if not torch.cuda.is_available():
-                raise RuntimeError("device=cuda was asked for but no CUDA device is available")
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        return torch.device("cpu")
-
     def _task_options(self, candidate_labels, hypothesis_template) -> dict[str, Any]:
         """The seed's Trainer keywords: ``candidate_labels`` (zero-shot classification) and ``hypothesis_template``
         (its label template, or image_to_text_generation's prompt template)."""
