@@ -224,10 +224,16 @@ def test_item10_resume_after_ctrl_c_equals_the_uninterrupted_run(data, tmp_path,
                                                                  interrupt_call):
     straight = make_trainer(data.root, tmp_path / "straight", max_steps=8, gradient_accumulation_steps=accumulation)
     straight.train()
-    with monkeypatch.context() as patch:
-        patch.setattr(PretrainTask, "training_step", interrupt_at(interrupt_call))
-        with pytest.raises(KeyboardInterrupt):
-            make_trainer(data.root, tmp_path / "split", max_steps=8, gradient_accumulation_steps=accumulation).train()
+    # Python's own Ctrl-C handler, even when pytest was started with SIGINT ignored (e.g. from a background shell job)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(PretrainTask, "training_step", interrupt_at(interrupt_call))
+            with pytest.raises(KeyboardInterrupt):
+                make_trainer(data.root, tmp_path / "split", max_steps=8,
+                             gradient_accumulation_steps=accumulation).train()
+    finally:
+        signal.signal(signal.SIGINT, previous)
     saved = latest_checkpoint(tmp_path / "split")
     assert int(saved.name.split("_")[1]) == (interrupt_call - 1) // accumulation  # the last completed step
     resumed = make_trainer(data.root, tmp_path / "split", max_steps=8, gradient_accumulation_steps=accumulation)
