@@ -25,6 +25,7 @@ LAYERS = [
     ("data", ("blip2.data",)),
     ("engine", ("blip2.engine",)),
     ("pipelines", ("blip2.pipelines",)),
+    ("serve", ("blip2.serve",)),
     ("cli", ("blip2.cli", "blip2.__main__", "blip2")),  # ``blip2`` itself: the public names, re-exported
 ]
 MAX_FUNCTION_LINES = 60
