@@ -1,4 +1,4 @@
-"""``blip2`` command line: run | convert | shard | demo | extract. Thin: parse, build the config, call the
+"""``blip2`` command line: run | convert | shard | demo | extract | index | search | serve. Thin: parse, build the config, call the
 library; a problem with the user's input is one line on stderr and exit status 2.
 
     blip2 run --config configs/blip2/run_blip2_quickstart.yaml --run_mode train
@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from blip2.cli import convert, demo, extract, run, shard
+from blip2.cli import convert, demo, extract, index, run, search, serve, shard
 from blip2.config import ConfigError
 from blip2.engine.trainer import NonFiniteLossError
 from blip2.files import OutputWriteError
@@ -34,6 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_arguments(sub.add_parser("demo", help="generate data, train the quickstart model, evaluate, show "
                                                    "predictions"))
     extract.add_arguments(sub.add_parser("extract", help="embed an image folder into safetensors feature shards"))
+    index.add_arguments(sub.add_parser("index", help="build or update a searchable image index (incremental, "
+                                                     "resumable)"))
+    search.add_arguments(sub.add_parser("search", help="search an image index by text (ITC, optional ITM re-rank)"))
+    serve.add_arguments(sub.add_parser("serve", help="serve caption / classify / search / embed over HTTP, with a "
+                                                     "web page"))
     return parser
 
 
@@ -49,6 +54,12 @@ def main(argv: list[str] | None = None) -> int:
             return extract.cmd_extract(args)
         if args.command == "shard":
             return shard.cmd_shard(args)
+        if args.command == "index":
+            return index.cmd_index(args)
+        if args.command == "search":
+            return search.cmd_search(args)
+        if args.command == "serve":
+            return serve.cmd_serve(args)
         demo.run_demo(args.output_dir, steps=args.steps, device=args.device, stage2_steps=args.stage2_steps)
         return 0
     except USER_ERRORS as error:
