@@ -66,8 +66,9 @@ def test_train_json_gives_one_cleaned_item_per_caption(coco_like: Path) -> None:
                            "second of c"]
     assert ds.image_paths[2] == ds.image_paths[3] == str(coco_like / "images" / "val2014" / "c.jpg")
     item = ds[1]
-    assert set(item) == {"image", "caption", "index"}
+    assert set(item) == {"image", "caption", "index", "image_id"}
     assert item["index"] == 1 and item["caption"] == "two dogs playing"
+    assert ds.image_ids[2] == ds.image_ids[3] and len(set(ds.image_ids)) == 3  # the two captions of c.jpg: one image
     assert item["image"].mode == "RGB" and item["image"].size == (12, 12)
 
 

@@ -1,13 +1,79 @@
-"""``blip2 serve``: the model over HTTP with a web page (see ``blip2.serve``)."""
+"""``blip2 serve``: the model over HTTP with a web page (see ``blip2.serve``).
+
+    blip2 serve --model blip2_stage1_vit_g --index photos_index/ [--caption_model my_stage2/] [--port 8000]
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
+
+import torch
+
+from blip2.engine import distributed
+from blip2.models import Blip2ImageToTextGeneration, Blip2Qformer
+from blip2.serve import ModelService, ServeSettings, create_app, serve_forever
+
+DEFAULTS = ServeSettings()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Placeholder until the command is written."""
+    parser.add_argument("--model", required=True,
+                        help="a stage-1 preset name or model folder: /embed, /classify, /search, and /caption "
+                             "through its Q-Former LM head unless --caption_model is given")
+    parser.add_argument("--caption_model", default=None,
+                        help="a stage-2 model (preset or folder) for /caption, which then takes a prompt field")
+    parser.add_argument("--index", default=None, help="an image index folder (blip2 index) for /search and the page")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
+                                                            "only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max_batch_size", type=int, default=DEFAULTS.max_batch_size,
+                        help=f"requests per forward (default {DEFAULTS.max_batch_size}); 1 turns batching off")
+    parser.add_argument("--batch_window_ms", type=float, default=DEFAULTS.batch_window_ms,
+                        help=f"how long a batch waits for more requests (default {DEFAULTS.batch_window_ms} ms)")
+    parser.add_argument("--max_queue", type=int, default=DEFAULTS.max_queue,
+                        help=f"waiting requests per endpoint before 503 (default {DEFAULTS.max_queue})")
+    parser.add_argument("--max_upload_mb", type=float, default=DEFAULTS.max_upload_bytes / 2**20,
+                        help=f"request body limit in MiB, 413 above (default {DEFAULTS.max_upload_bytes / 2**20:g})")
+    parser.add_argument("--max_image_pixels", type=int, default=DEFAULTS.max_image_pixels,
+                        help=f"width x height limit, read before decoding; 413 above (default "
+                             f"{DEFAULTS.max_image_pixels})")
+    parser.add_argument("--search_mode", default="auto", help="index search mode: auto, exact or ann (default auto)")
+    parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
+    parser.add_argument("--seed", type=int, default=0, help="seeds a model built at random (blip2_tiny)")
+    parser.add_argument("--log_level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+
+
+def settings_from(args: argparse.Namespace) -> ServeSettings:
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port {args.port} must be between 1 and 65535")
+    if args.max_upload_mb <= 0:
+        raise ValueError(f"--max_upload_mb {args.max_upload_mb} must be > 0")
+    return ServeSettings(max_batch_size=args.max_batch_size, batch_window_ms=args.batch_window_ms,
+                         max_queue=args.max_queue, max_upload_bytes=int(args.max_upload_mb * 2**20),
+                         max_image_pixels=args.max_image_pixels)
+
+
+def load_index(folder: str | None):
+    """The ``blip2 index`` folder, or None."""
+    if folder is None:
+        return None
+    from blip2.engine.index import ImageIndex
+
+    return ImageIndex.load(folder)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    raise NotImplementedError("blip2 serve is not written yet")
+    settings = settings_from(args)  # bad numbers are refused before any model is read
+    index = load_index(args.index)
+    device = distributed.pick_device(args.device)
+    torch.manual_seed(args.seed)
+    model = Blip2Qformer.from_pretrained(args.model)
+    caption_model = (Blip2ImageToTextGeneration.from_pretrained(args.caption_model)
+                     if args.caption_model is not None else None)
+    service = ModelService(model, device, caption_model=caption_model, index=index, model_name=args.model,
+                           search_mode=args.search_mode)
+    print(f"blip2: serving {args.model} on http://{args.host}:{args.port}/"
+          + (f" with {len(index)} indexed images" if index is not None else ""), file=sys.stderr)
+    serve_forever(create_app(service, settings), host=args.host, port=args.port, log_level=args.log_level)
+    return 0

@@ -113,14 +113,20 @@ class _LazyImages(Dataset):
 
 
 class ImageCaptionDataset(_LazyImages):
-    """Training pairs: item ``dict(image=PIL RGB, caption=str, index=int)``, or None for an unreadable image."""
+    """Training pairs: item ``dict(image=PIL RGB, caption=str, index=int, image_id=int)``, or None for an unreadable
+    image. ``image_id`` is the same for every caption of one image (retrieval fine-tuning treats such pairs as
+    positives of each other); by default each distinct image path is one image."""
 
-    def __init__(self, image_paths: list[str], captions: list[str], on_error: str = "skip") -> None:
+    def __init__(self, image_paths: list[str], captions: list[str], on_error: str = "skip",
+                 image_ids: list[int] | None = None) -> None:
         super().__init__(on_error)
         if len(image_paths) != len(captions):
             raise ValueError(f"{len(image_paths)} image paths but {len(captions)} captions")
+        if image_ids is not None and len(image_ids) != len(captions):
+            raise ValueError(f"{len(image_ids)} image ids but {len(captions)} captions")
         self.image_paths = image_paths
         self.captions = captions
+        self.image_ids = image_ids if image_ids is not None else contiguous_ids(image_paths)
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -129,7 +135,13 @@ class ImageCaptionDataset(_LazyImages):
         image = self._load(self.image_paths[index])
         if image is None:
             return None
-        return {"image": image, "caption": self.captions[index], "index": index}
+        return {"image": image, "caption": self.captions[index], "index": index, "image_id": self.image_ids[index]}
+
+
+def contiguous_ids(keys: list) -> list[int]:
+    """0, 1, 2, ... in order of first appearance: equal keys get equal ids (LAVIS remaps ``image_id`` so)."""
+    ids: dict = {}
+    return [ids.setdefault(key, len(ids)) for key in keys]
 
 
 class RetrievalEvalDataset(_LazyImages):
@@ -168,6 +180,21 @@ class RetrievalEvalDataset(_LazyImages):
         if self.repeat_images:
             return {"image": image, "caption": self.texts[index], "index": index, "image_index": img_id}
         return {"image": image, "index": index}
+
+
+def _read_records(ann_paths: list[Path], img_roots: list[Path], transform: TextTransform):
+    """Every record's image path, its transformed captions, and its image key: the record's ``image_id`` (per
+    annotation file) when it has one, else its image file."""
+    image_paths: list[str] = []
+    captions: list[list[str]] = []
+    image_keys: list[tuple] = []
+    for file_index, (ann_path, img_root) in enumerate(zip(ann_paths, img_roots)):
+        for record in read_annotations(ann_path):
+            image_paths.append(str(img_root / record["image"]))
+            captions.append([transform(c) for c in _captions(record)])
+            image_keys.append((file_index, str(record["image_id"])) if "image_id" in record
+                              else ("path", image_paths[-1]))
+    return image_paths, captions, image_keys
 
 
 def MultiImgCapDataLoader(  # noqa: N802 -- the seed's public name
@@ -214,12 +241,7 @@ def MultiImgCapDataLoader(  # noqa: N802 -- the seed's public name
     if missing:
         raise FileNotFoundError(f"{len(missing)} data path(s) not found: " + "; ".join(missing))
 
-    image_paths: list[str] = []
-    captions: list[list[str]] = []
-    for ann_path, img_root in zip(ann_paths, img_roots):
-        for record in read_annotations(ann_path):
-            image_paths.append(str(img_root / record["image"]))
-            captions.append([transform(c) for c in _captions(record)])
+    image_paths, captions, image_keys = _read_records(ann_paths, img_roots, transform)
     if not image_paths:  # an empty data set fails later and obscurely (an empty torch.cat, a zero-step epoch)
         raise ValueError(f"no annotation records in {', '.join(str(p) for p in ann_paths)}: the data set is empty")
 
@@ -227,4 +249,5 @@ def MultiImgCapDataLoader(  # noqa: N802 -- the seed's public name
         return RetrievalEvalDataset(image_paths, captions, repeat_images, on_error or "raise")
     pair_paths = [path for path, caps in zip(image_paths, captions) for _ in caps]
     pair_captions = [c for caps in captions for c in caps]
-    return ImageCaptionDataset(pair_paths, pair_captions, on_error or "skip")
+    pair_ids = contiguous_ids([key for key, caps in zip(image_keys, captions) for _ in caps])
+    return ImageCaptionDataset(pair_paths, pair_captions, on_error or "skip", image_ids=pair_ids)

@@ -15,7 +15,8 @@ ImageProcessor = Callable[..., dict[str, torch.Tensor]]  # (images, train=...) -
 
 
 class ImageTextCollator:
-    """Items ``dict(image, caption, index)`` -> pixel_values, input_ids, attention_mask, indices."""
+    """Items ``dict(image, caption, index[, image_id])`` -> pixel_values, input_ids, attention_mask, indices (and
+    image_ids when the items have them)."""
 
     def __init__(self, image_processor: ImageProcessor, tokenizer: Callable[..., Any], max_length: int = 32,
                  train: bool = True, padding: str = "max_length") -> None:
@@ -34,13 +35,16 @@ class ImageTextCollator:
                                             seeds=seeds)["pixel_values"]
         tokens = self.tokenizer([item["caption"] for item in kept], padding=self.padding, truncation=True,
                                 max_length=self.max_length, return_tensors="pt")
-        return {
+        batch = {
             "pixel_values": pixel_values,  # (B, 3, S, S)
             "input_ids": tokens["input_ids"],  # (B, L)
             "attention_mask": tokens["attention_mask"],  # (B, L)
             "indices": torch.tensor([item["index"] for item in kept]),  # (B,)
             "num_skipped_in_batch": len(items) - len(kept),
         }
+        if all("image_id" in item for item in kept):
+            batch["image_ids"] = torch.tensor([item["image_id"] for item in kept])  # (B,)
+        return batch
 
 
 class ImageCollator:

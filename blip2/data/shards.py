@@ -402,6 +402,7 @@ class ShardedCaptions(IterableDataset):
                 continue
             for number, caption in enumerate(captions):
                 yield {"data": sample.get(image_key), "caption": caption, "index": offset + first + number,
+                       "image_id": offset + first,  # the sample's first caption: one id per image
                        "name": f"{sample.get('__url__')}:{sample.get('__key__')}.{image_key}"}
 
     def _decode_all(self, items: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any] | None]:
@@ -425,6 +426,7 @@ class ShardedCaptions(IterableDataset):
             return None
         index = item["index"]
         return {"image": rgb, "caption": self.text_transform(item["caption"]), "index": index,
+                "image_id": item["image_id"],
                 "seed": stream_seed("augment", self.seed, self.epoch, index)}
 
     def _count_skip(self, message: str) -> None:

@@ -75,11 +75,11 @@ def build_model(config: RunConfig, task_name: str) -> torch.nn.Module:
     source = config.load_checkpoint or start
     cls = model_class(config, task_name, str(source or config.trainer.model_name or "") or None)
     if source:
-        # folders and presets carry their own config and a LAVIS .pth none, so the YAML's serves for a .pth; and
-        # stage 2 starting from model_config.checkpoint_name_or_path (a stage-1 model) keeps the YAML's config
+        # folders and presets carry their own config and a LAVIS .pth none, so the YAML's serves for a .pth; a start
+        # from model_config.checkpoint_name_or_path (stage 2 from a stage-1 model, or fine-tuning a stage-1 model
+        # with a trainable ViT or another image size) keeps the YAML's config, which the weights must fit
         carries_config = not str(source).endswith(CONFIGLESS_SUFFIXES)
-        stage2_start = not config.load_checkpoint and cls.preset_group != "stage1"
-        use_yaml = stage2_start or not carries_config
+        use_yaml = not config.load_checkpoint or not carries_config
         return cls.from_pretrained(source, config=model_config if use_yaml else None)
     if model_config is not None:
         model = cls(model_config)

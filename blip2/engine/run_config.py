@@ -209,11 +209,19 @@ class OptimizerConfig(ConfigBase):
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-8
     weight_decay: float = 0.05
+    # a trainable ViT (model_config.freeze_vision: false): its lr is learning_rate * vision_lr_scale, times
+    # layer_decay ** (layers + 1 - layer) per block (the paper's retrieval fine-tuning of ViT-g: 0.95)
+    vision_lr_scale: float = 1.0
+    layer_decay: float = 1.0
 
     def validate(self) -> None:
         _check_choice("optimizer.type", self.type, OPTIMIZER_TYPES)
         if not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2:
             raise ConfigError(f"optimizer.betas={self.betas!r} must be two numbers [beta1, beta2]")
+        for key in ("vision_lr_scale", "layer_decay"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+                raise ConfigError(f"optimizer.{key}={value!r} must be a number in (0, 1]")
 
 
 @dataclass

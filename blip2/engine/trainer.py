@@ -423,7 +423,8 @@ class Trainer:
         total_steps = runner.max_steps if runner.max_steps > 0 else steps_per_epoch * runner.epochs
         schedule_cfg = cfg.lr_schedule
         optimizer = build_optimizer(raw_model, schedule_cfg.learning_rate, cfg.optimizer.weight_decay,
-                                    tuple(cfg.optimizer.betas), cfg.optimizer.eps)
+                                    tuple(cfg.optimizer.betas), cfg.optimizer.eps, cfg.optimizer.vision_lr_scale,
+                                    cfg.optimizer.layer_decay)
         schedule = WarmupCosineSchedule(optimizer, schedule_cfg.learning_rate, schedule_cfg.lr_end,
                                         schedule_cfg.warmup_lr_init, schedule_cfg.warmup_steps,
                                         schedule_cfg.total_steps if schedule_cfg.total_steps > 0 else total_steps)

@@ -58,8 +58,24 @@ class Blip2Qformer(Blip2PreTrainedModel):
         return F.normalize(self.text_proj(text_hidden[:, 0]), dim=-1)  # (B, E), the [CLS] token
 
     # --- losses --------------------------------------------------------------------------------------------------
-    def _itc(self, image_feats: torch.Tensor, text_feat: torch.Tensor, gather: FeatureGather):
-        """Contrastive loss over the (gathered) batch; returns the loss and both similarity matrices / temp."""
+    @staticmethod
+    def _positive_mask(batch: int, gather: FeatureGather, image_ids: torch.Tensor | None,
+                       device: torch.device) -> torch.Tensor:
+        """(B, B*W) True where local pair b and gathered pair j show the same image: the diagonal of this process's
+        block, or, given ``image_ids`` (retrieval fine-tuning: several captions per image), every equal id."""
+        if image_ids is None:
+            positive = torch.zeros(batch, batch * gather.world_size, dtype=torch.bool, device=device)
+            positive[:, gather.rank * batch : (gather.rank + 1) * batch].fill_diagonal_(True)
+            return positive
+        image_ids = image_ids.to(device).view(-1)
+        return image_ids[:, None] == gather.all_gather(image_ids)[None, :]
+
+    def _itc(self, image_feats: torch.Tensor, text_feat: torch.Tensor, gather: FeatureGather,
+             positive: torch.Tensor | None = None):
+        """Contrastive loss over the (gathered) batch; returns the loss and both similarity matrices / temp.
+
+        ``positive`` (B, B*W), when given, spreads each row's target evenly over its positives (LAVIS' image_id
+        branch: captions of one image are not pushed apart); without it the target is the pair itself."""
         image_feats_all = gather.all_gather(image_feats)  # (B*W, Q, E), no gradient
         text_feat_all = gather.all_gather(text_feat)  # (B*W, E)
         image_feats, text_feat = image_feats.float(), text_feat.float()
@@ -67,7 +83,10 @@ class Blip2Qformer(Blip2PreTrainedModel):
         sim_i2t = torch.einsum("bqe,te->btq", image_feats, text_feat_all.float()).amax(-1) / temp  # (B, B*W)
         sim_t2i = torch.einsum("be,tqe->btq", text_feat, image_feats_all.float()).amax(-1) / temp  # (B, B*W)
         batch = image_feats.shape[0]
-        targets = torch.arange(batch, device=image_feats.device) + gather.rank * batch
+        if positive is None:
+            targets = torch.arange(batch, device=image_feats.device) + gather.rank * batch
+        else:
+            targets = positive.float() / positive.sum(1, keepdim=True)  # soft targets over same-image columns
         loss = (
             F.cross_entropy(sim_i2t, targets, label_smoothing=LABEL_SMOOTHING)
             + F.cross_entropy(sim_t2i, targets, label_smoothing=LABEL_SMOOTHING)
@@ -75,11 +94,11 @@ class Blip2Qformer(Blip2PreTrainedModel):
         return loss, sim_i2t, sim_t2i
 
     @torch.no_grad()
-    def _hard_negative_index(self, sim: torch.Tensor, rank: int) -> torch.Tensor:
-        """One index per row, drawn from softmax(sim) with each row's positive excluded; one batched draw."""
-        batch = sim.shape[0]
-        weights = torch.nan_to_num(sim.float(), nan=0.0, posinf=-EXCLUDED_LOGIT, neginf=EXCLUDED_LOGIT).clone()
-        weights[:, rank * batch : (rank + 1) * batch].fill_diagonal_(EXCLUDED_LOGIT)
+    def _hard_negative_index(self, sim: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+        """One index per row, drawn from softmax(sim) with each row's positives excluded; one batched draw. A row
+        with no negative at all draws anything: the caller leaves it out (``positive.all(1)``)."""
+        weights = torch.nan_to_num(sim.float(), nan=0.0, posinf=-EXCLUDED_LOGIT, neginf=EXCLUDED_LOGIT)
+        weights = weights.masked_fill(positive, EXCLUDED_LOGIT)
         return torch.multinomial(weights.softmax(dim=1), 1).squeeze(1)  # (B,)
 
     def _itm(
@@ -90,23 +109,28 @@ class Blip2Qformer(Blip2PreTrainedModel):
         sim_i2t: torch.Tensor,
         sim_t2i: torch.Tensor,
         gather: FeatureGather,
+        positive: torch.Tensor,
     ) -> torch.Tensor:
-        """Image-text matching on B positives, B negative images and B negative texts (batch of 3B)."""
+        """Image-text matching on B positives, B negative images and B negative texts (batch of 3B). Negatives
+        are never drawn from ``positive`` (B, B*W); a pair whose gathered batch holds no other image gets no
+        negatives (3B - 2 rows for each such pair)."""
         text_ids_all = gather.all_gather(input_ids)  # (B*W, L)
         text_mask_all = gather.all_gather(attention_mask)
         image_embeds_all = gather.all_gather_with_grad(image_embeds)  # (B*W, N, D_img)
         if text_ids_all.shape[1] > input_ids.shape[1]:  # other processes padded their captions longer
             padding = (0, text_ids_all.shape[1] - input_ids.shape[1])
             input_ids, attention_mask = F.pad(input_ids, padding), F.pad(attention_mask, padding)
-        negative_image = self._hard_negative_index(sim_t2i, gather.rank)  # for each text
-        negative_text = self._hard_negative_index(sim_i2t, gather.rank)  # for each image
-        itm_ids = torch.cat((input_ids, input_ids, text_ids_all[negative_text]), dim=0)  # (3B, L)
-        itm_mask = torch.cat((attention_mask, attention_mask, text_mask_all[negative_text]), dim=0)
-        itm_images = torch.cat((image_embeds, image_embeds_all[negative_image], image_embeds), dim=0)
-        logits = self._itm_logits(itm_images, itm_ids, itm_mask)  # (3B, 2)
-        batch = input_ids.shape[0]
-        labels = torch.zeros(3 * batch, dtype=torch.long, device=logits.device)
-        labels[:batch] = 1
+        negative_image = self._hard_negative_index(sim_t2i, positive)  # for each text
+        negative_text = self._hard_negative_index(sim_i2t, positive)  # for each image
+        has_negative = ~positive.all(dim=1)
+        if not bool(has_negative.all()):
+            negative_image, negative_text = negative_image[has_negative], negative_text[has_negative]
+        itm_ids = torch.cat((input_ids, input_ids[has_negative], text_ids_all[negative_text]), dim=0)  # (B + 2V, L)
+        itm_mask = torch.cat((attention_mask, attention_mask[has_negative], text_mask_all[negative_text]), dim=0)
+        itm_images = torch.cat((image_embeds, image_embeds_all[negative_image], image_embeds[has_negative]), dim=0)
+        logits = self._itm_logits(itm_images, itm_ids, itm_mask)  # (B + 2V, 2)
+        labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+        labels[: input_ids.shape[0]] = 1
         return F.cross_entropy(logits.float(), labels)
 
     def _lm(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query_cache) -> torch.Tensor:
@@ -129,9 +153,13 @@ class Blip2Qformer(Blip2PreTrainedModel):
         return_tuple: bool = False,
         gather: FeatureGather | None = None,
         interpolate_pos_encoding: bool = False,
+        image_ids: torch.Tensor | None = None,
     ) -> Blip2Output | tuple[torch.Tensor, ...]:
         """Stage-1 losses for a batch of image-caption pairs: (loss, loss_itc, loss_itm, loss_lm).
 
+        ``image_ids`` (B,) (retrieval fine-tuning, LAVIS' image_id branch): pairs with equal ids, across processes
+        too, are all positives of each other: ITC spreads its target over them and ITM never draws them as hard
+        negatives. Without it each pair is its own only positive (pretraining).
         Images of another size than ``vision_config.image_size`` need ``interpolate_pos_encoding=True`` (as in every
         method that takes ``pixel_values``)."""
         gather = gather or LOCAL
@@ -141,8 +169,10 @@ class Blip2Qformer(Blip2PreTrainedModel):
         query_out = self.query_forward(image_embeds, use_cache=True)
         image_feats = self.image_feats(query_out.last_hidden_state)  # (B, Q, E)
         text_feat = self.text_feat(self.text_forward(input_ids, attention_mask))  # (B, E)
-        loss_itc, sim_i2t, sim_t2i = self._itc(image_feats, text_feat, gather)
-        loss_itm = self._itm(image_embeds, input_ids, attention_mask, sim_i2t, sim_t2i, gather)
+        positive = self._positive_mask(input_ids.shape[0], gather, image_ids, image_feats.device)
+        loss_itc, sim_i2t, sim_t2i = self._itc(image_feats, text_feat, gather,
+                                               positive if image_ids is not None else None)
+        loss_itm = self._itm(image_embeds, input_ids, attention_mask, sim_i2t, sim_t2i, gather, positive)
         loss_lm = self._lm(input_ids, attention_mask, query_out.past_key_values)
         output = Blip2Output(loss_itc + loss_itm + loss_lm, loss_itc, loss_itm, loss_lm)
         return output.to_tuple() if return_tuple else output

@@ -10,6 +10,7 @@ from pathlib import Path
 from blip2 import registry
 from blip2.config import Blip2Config
 from blip2.weights import adapters, stage2
+from blip2.weights.eva import fit_pos_embed
 from blip2.weights.loader import load_into
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,8 @@ def load_with_adapter(cls, adapter, path: Path, config=None, **kwargs):
     """
     config = config or adapter.read_config(path, **kwargs)
     state, dropped = adapter.read_native_state(path, config, **kwargs)
+    if config.vision_config is not None:  # a config of another image size (fine-tuning at 364 px from 224)
+        state = fit_pos_embed(state, config)
     model = cls(config, **stage2.build_options(cls, config, state))
     allowed_missing, preloaded = list(adapter.allowed_missing(model)), []
     if hasattr(model, "language_model"):  # stage 2: a stage-1 start, or an LLM from its own folder

@@ -1,4 +1,5 @@
 """Stage-1 tasks: ``contrastive_language_image_pretrain`` (training; its evaluation is retrieval),
+``image_text_retrieval_finetune`` (training with same-image positives),
 ``image_to_text_retrieval`` and ``zero_shot_image_classification``. The scoring is ``blip2.models.scoring``'s, the
 same as the pipelines'; retrieval re-ranking is shared out over processes by ``blip2.engine.retrieval``."""
 
@@ -94,6 +95,23 @@ class PretrainTask(RetrievalTask):
 
     def training_step(self, model, batch: dict[str, Any], gather) -> dict[str, torch.Tensor]:
         output = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], gather=gather)
+        return {"loss": output.loss, "loss_itc": output.loss_itc, "loss_itm": output.loss_itm,
+                "loss_lm": output.loss_lm}
+
+
+class RetrievalFinetuneTask(PretrainTask):
+    """Retrieval fine-tuning on the user's pairs (the paper's COCO fine-tuning): the stage-1 losses with every pair of
+    the same image a positive (``image_ids`` from the annotations' ``image_id``, else the image file): ITC spreads
+    its target over them, ITM never draws them as hard negatives. Evaluation is retrieval."""
+
+    name = "image_text_retrieval_finetune"
+
+    def training_step(self, model, batch: dict[str, Any], gather) -> dict[str, torch.Tensor]:
+        if "image_ids" not in batch:
+            raise ValueError(f"{self.name} needs an image id per pair: the training data set gives none (use "
+                             "MultiImgCapDataLoader or WebDataset shards)")
+        output = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], gather=gather,
+                       image_ids=batch["image_ids"])
         return {"loss": output.loss, "loss_itc": output.loss_itc, "loss_itm": output.loss_itm,
                 "loss_lm": output.loss_lm}
 
