@@ -11,6 +11,7 @@ import sys
 import torch
 
 from blip2.engine import distributed
+from blip2.engine.index import MODES, ImageIndex
 from blip2.models import Blip2ImageToTextGeneration, Blip2Qformer
 from blip2.serve import ModelService, ServeSettings, create_app, serve_forever
 
@@ -18,9 +19,10 @@ DEFAULTS = ServeSettings()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True,
+    parser.add_argument("--model", default=None,
                         help="a stage-1 preset name or model folder: /embed, /classify, /search, and /caption "
-                             "through its Q-Former LM head unless --caption_model is given")
+                             "through its Q-Former LM head unless --caption_model is given (default: the model "
+                             "--index was built with)")
     parser.add_argument("--caption_model", default=None,
                         help="a stage-2 model (preset or folder) for /caption, which then takes a prompt field")
     parser.add_argument("--index", default=None, help="an image index folder (blip2 index) for /search and the page")
@@ -38,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max_image_pixels", type=int, default=DEFAULTS.max_image_pixels,
                         help=f"width x height limit, read before decoding; 413 above (default "
                              f"{DEFAULTS.max_image_pixels})")
-    parser.add_argument("--search_mode", default="auto", help="index search mode: auto, exact or ann (default auto)")
+    parser.add_argument("--search_mode", choices=MODES, default="auto",
+                        help="index search: exact, faiss, or auto (faiss for large indexes; default)")
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
     parser.add_argument("--seed", type=int, default=0, help="seeds a model built at random (blip2_tiny)")
     parser.add_argument("--log_level", default="info", choices=("critical", "error", "warning", "info", "debug"))
@@ -54,26 +57,21 @@ def settings_from(args: argparse.Namespace) -> ServeSettings:
                          max_image_pixels=args.max_image_pixels)
 
 
-def load_index(folder: str | None):
-    """The ``blip2 index`` folder, or None."""
-    if folder is None:
-        return None
-    from blip2.engine.index import ImageIndex
-
-    return ImageIndex.load(folder)
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = settings_from(args)  # bad numbers are refused before any model is read
-    index = load_index(args.index)
+    index = ImageIndex.load(args.index) if args.index is not None else None
+    model_name = args.model or (index.model_name if index is not None else None)
+    if not model_name:
+        raise ValueError("--model is required (a stage-1 preset or folder) unless --index names the model it was "
+                         "built with")
     device = distributed.pick_device(args.device)
     torch.manual_seed(args.seed)
-    model = Blip2Qformer.from_pretrained(args.model)
+    model = Blip2Qformer.from_pretrained(model_name)
     caption_model = (Blip2ImageToTextGeneration.from_pretrained(args.caption_model)
                      if args.caption_model is not None else None)
-    service = ModelService(model, device, caption_model=caption_model, index=index, model_name=args.model,
-                           search_mode=args.search_mode)
-    print(f"blip2: serving {args.model} on http://{args.host}:{args.port}/"
+    service = ModelService(model, device, caption_model=caption_model, index=index, model_name=model_name,
+                           search_mode=args.search_mode)  # an index built with other weights is refused here
+    print(f"blip2: serving {model_name} on http://{args.host}:{args.port}/"
           + (f" with {len(index)} indexed images" if index is not None else ""), file=sys.stderr)
     serve_forever(create_app(service, settings), host=args.host, port=args.port, log_level=args.log_level)
     return 0

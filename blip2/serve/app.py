@@ -29,6 +29,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from blip2.processing import ImageLoadError
 from blip2.processing import prompts as prompting
 from blip2.serve.batching import DynamicBatcher, QueueFullError
 from blip2.serve.limits import BodySizeLimit, RequestError, check_content_type, decode_image, one_line
@@ -116,7 +117,8 @@ async def read_form(request: Request) -> FormData:
     """The request's form (multipart or urlencoded); other bodies are 415."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind not in FORM_TYPES:
-        raise RequestError(415, f"send the fields as multipart/form-data (curl -F), not {kind or 'no content type'}")
+        got = f"got {kind}" if kind else "got no Content-Type"
+        raise RequestError(415, f"send the fields as multipart/form-data (curl -F name=value), {got}")
     settings = server_of(request).settings
     # text fields are checked one by one below; the body as a whole is capped by BodySizeLimit already
     return await request.form(max_files=1, max_fields=settings.max_labels + 8,
@@ -250,7 +252,11 @@ async def thumbnail(request: Request, row: str) -> Response:
     size = len(service.index) if service.index is not None else 0
     if not row.isdigit() or int(row) >= size:
         raise RequestError(404, f"no index row {row!r} (the index has {size} images)")
-    jpeg = await run_in_threadpool(service.thumbnail, int(row))
+    try:
+        jpeg = await run_in_threadpool(service.thumbnail, int(row))
+    except ImageLoadError as error:  # moved or deleted since the index was built
+        log.warning("thumbnail of row %s: %s", row, error)  # the path stays in the log, not in the answer
+        raise RequestError(404, f"index row {row} ({service.index.ids[int(row)]}) cannot be read any more") from None
     return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
 

@@ -18,6 +18,7 @@ from typing import Any, Protocol, Sequence
 import torch
 from PIL import Image
 
+from blip2.engine.index import check_model
 from blip2.models import Blip2Qformer
 from blip2.models.scoring import ranked_labels, zero_shot_logits
 from blip2.pipelines import pipeline
@@ -74,6 +75,8 @@ class ModelService:
         self.captioner = (pipeline("image_to_text_generation", model=caption_model, device=device)
                           if caption_model is not None else None)
         self.model, self.processor, self.device = self.classifier.model, self.classifier.processor, device
+        if index is not None and hasattr(index, "model_fingerprint"):
+            check_model(index, self.model)  # an index of another model's features would rank at random
         self.index = index
         self.model_name = model_name or getattr(model, "name_or_path", None) or type(model).__name__
         self.caption_settings = dict(caption_settings or {})
@@ -91,7 +94,8 @@ class ModelService:
         return processor.image_processor.preprocess_one(image)
 
     def thumbnail(self, row: int) -> bytes:
-        """A small JPEG of index row ``row`` (only rows of the index can be asked for, never a path)."""
+        """A small JPEG of index row ``row`` (only rows of the index can be asked for, never a path);
+        ``ImageLoadError`` when the image cannot be read any more."""
         if row in self.thumbnails:
             self.thumbnails.move_to_end(row)
             return self.thumbnails[row]
