@@ -1,6 +1,6 @@
 """An image index for text search (``blip2 index`` / ``blip2 search``): a stage-1 model's ITC image features of a
 folder of images or of webdataset tar shards, built incrementally and resumably, ranked by a text's ITC similarity
-(exact, or through faiss above ``ANN_MIN_VECTORS``), optionally re-ranked by ITM.
+(exact, or through faiss above ``ANN_MIN_IMAGES``), optionally re-ranked by ITM.
 
 Layout of an index folder::
 
@@ -11,7 +11,7 @@ Layout of an index folder::
     part-00000.json         {"part", "ids", "paths", "stats" ([size, mtime_ns] per row), "unreadable"
                              ([id, path, stat] each), "removed" (ids)}: written after the tensors, it marks the part
                              done
-    ann.faiss               the faiss index over the live vectors (only at ANN_MIN_VECTORS and above; "ann" in
+    ann.faiss               the faiss index over the live vectors (only at ANN_MIN_IMAGES and above; "ann" in
                              index.json names the parts it covers)
 
 The parts are an append-only log: a part's "removed" ids leave the index, its unreadable ids are known bad (not
@@ -49,9 +49,9 @@ from blip2.processing.text import clean_caption
 
 logger = logging.getLogger("blip2")
 PART_SIZE = 256  # images per part file: a killed build loses at most this many images' work
-# stored vectors (images x Q) from which "auto" searches through faiss: the exact product is faster below
-# (benchmarks/bench_index.py: one query on 2 CPU cores, exact 1.2 ms vs faiss 1.6 ms at 10k vectors, 6.3 vs 1.9 at 50k)
-ANN_MIN_VECTORS = 32768
+# images from which "auto" searches through faiss (benchmarks/bench_index.py, one query, 2 CPU cores): exact costs
+# N * Q vectors, faiss about REFINE_FACTOR * k * Q gathered for the exact re-score, so the crossover is in images
+ANN_MIN_IMAGES = 8192
 MODES = ("auto", "exact", "faiss")
 
 
@@ -134,14 +134,14 @@ class ImageIndex:
                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """text_feats (T, E) normalized -> (scores (T, k'), rows (T, k')), k' = min(k, len), best first (ties:
         lower row first). ``mode``: "exact" (brute force), "faiss" (candidates from faiss, re-scored exactly), "auto"
-        (faiss from ``ANN_MIN_VECTORS`` stored vectors on, when the index has its faiss file or built one)."""
+        (faiss from ``ANN_MIN_IMAGES`` images on, when the index has its faiss file or built one)."""
         check_search_args(k, mode)
         if text_feats.dim() != 2 or text_feats.shape[1] != self.feats.shape[2]:
             raise ValueError(f"text features of shape {tuple(text_feats.shape)}: expected (T, {self.feats.shape[2]})")
         text_feats = text_feats.detach().float().cpu()
         if len(self) == 0:
             return torch.zeros(len(text_feats), 0), torch.zeros(len(text_feats), 0, dtype=torch.long)
-        use_faiss = mode == "faiss" or (mode == "auto" and self.num_vectors >= ANN_MIN_VECTORS
+        use_faiss = mode == "faiss" or (mode == "auto" and len(self) >= ANN_MIN_IMAGES
                                         and (self._ann is not None or self.ann_file_fresh()))
         if use_faiss:
             return index_ann.ann_search(self.ann(), self.feats, text_feats, k)
@@ -155,9 +155,7 @@ class ImageIndex:
     def ann(self):
         """The faiss index: the saved one when it is fresh and whole, else one built now (kept for later calls)."""
         if self._ann is None and self.ann_file_fresh():
-            import faiss
-
-            saved = faiss.read_index(str(self.folder / index_store.ANN_FILE))
+            saved = index_ann.faiss_lib().read_index(str(self.folder / index_store.ANN_FILE))
             self._ann = saved if saved.ntotal == self.num_vectors else None
         if self._ann is None:
             self._ann = index_ann.build_ann(self.feats)
@@ -264,21 +262,19 @@ def write_header(folder: Path, header: dict[str, Any], parts: list[str], records
 
 
 def refresh_ann(folder: Path, header: dict[str, Any]) -> bool:
-    """Write ``ann.faiss`` for the index as it is now when it has ``ANN_MIN_VECTORS`` vectors or more (unless it is
+    """Write ``ann.faiss`` for the index as it is now when it has ``ANN_MIN_IMAGES`` images or more (unless it is
     fresh already); below that, drop it. Returns whether one was written."""
     index = ImageIndex.load(folder)
     ann_path = folder / index_store.ANN_FILE
-    if index.num_vectors < ANN_MIN_VECTORS:
+    if len(index) < ANN_MIN_IMAGES:
         header["ann"] = None
         index_store.write_json(folder / index_store.HEADER, header)
         ann_path.unlink(missing_ok=True)
         return False
     if index.ann_file_fresh():
         return False
-    import faiss
-
     ann = index_ann.build_ann(index.feats)
-    index_store.write_atomic(ann_path, lambda temp: faiss.write_index(ann, str(temp)))
+    index_store.write_atomic(ann_path, lambda temp: index_ann.faiss_lib().write_index(ann, str(temp)))
     header["ann"] = {"parts": list(header["parts"]), "vectors": int(ann.ntotal), "type": type(ann).__name__}
     index_store.write_json(folder / index_store.HEADER, header)
     return True

@@ -2,7 +2,8 @@
 through faiss (a 4-bit product-quantized fast scan for candidates, then the exact score of each candidate).
 
 The faiss step only chooses candidates: every returned score is the exact max-over-queries cosine of the stored
-features, so a faiss result differs from the exact one only by a missed image, never by a wrong score. The index
+features (to the last bit or so: a product over other rows may round differently), so a faiss result differs from
+the exact one only by a missed image, never by a wrong score. The index
 holds one vector per stored feature (N * Q for "queries", N for "pooled"); the vectors found are grouped by image.
 
 Why a quantized scan rather than a graph (HNSW) or IVF: on features without structure (random unit vectors,
@@ -60,6 +61,16 @@ def exact_search(feats: torch.Tensor, text_feats: torch.Tensor, k: int) -> tuple
     return torch.cat([scores for scores, _ in results]), torch.cat([rows for _, rows in results])
 
 
+def faiss_lib():
+    """The faiss module, set to one OpenMP thread (process-wide): faiss's own OpenMP runtime, spinning beside
+    torch's, made both several times slower on a shared CPU (benchmarks/bench_index.py: a 50k search 9 ms on two
+    threads against 2 ms on one, the exact search beside it 50 ms against 14; a 200k build 13 s against 5 s)."""
+    import faiss
+
+    faiss.omp_set_num_threads(1)
+    return faiss
+
+
 def ann_vectors(feats: torch.Tensor) -> np.ndarray:
     """The stored features as faiss vectors (N * Q, E), float32, row-major: vector v is image v // Q."""
     return np.ascontiguousarray(feats.reshape(-1, feats.shape[-1]).float().numpy())
@@ -68,8 +79,7 @@ def ann_vectors(feats: torch.Tensor) -> np.ndarray:
 def build_ann(feats: torch.Tensor):
     """A faiss index over every stored vector: a 4-bit PQ fast scan (E/2 sub-spaces of 2 dims), or a flat exact
     one below ``PQ_MIN_VECTORS``."""
-    import faiss
-
+    faiss = faiss_lib()
     vectors = ann_vectors(feats)
     count, dim = vectors.shape
     if count < PQ_MIN_VECTORS:
