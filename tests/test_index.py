@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
+import sys
 import tarfile
 import time
 from pathlib import Path
@@ -216,6 +218,39 @@ def test_a_killed_run_resumes_without_redoing_finished_parts_and_equals_an_unint
     a, b = ImageIndex.load(out), ImageIndex.load(tmp_path / "whole")
     assert a.ids == b.ids and a.paths == b.paths and torch.equal(a.feats, b.feats)
     assert a.header["parts"] == b.header["parts"]
+
+
+KILLED_BUILD = """
+import sys, time, torch
+from blip2 import Blip2Qformer
+from blip2.engine.index import build_index
+torch.set_num_threads(1)
+torch.manual_seed(0)
+model = Blip2Qformer.from_pretrained("blip2_tiny").eval()
+build_index(model, sys.argv[1], sys.argv[2], batch_size=1, part_size=2, progress=False,
+            on_part_written=lambda part: time.sleep(0.5))
+"""
+
+
+def test_a_build_killed_with_sigkill_resumes_where_it_stopped(model, tmp_path, monkeypatch):
+    folder, out = image_folder(tmp_path / "images", 8), tmp_path / "idx"  # 9 files: 5 parts of 2
+    process = subprocess.Popen([sys.executable, "-c", KILLED_BUILD, str(folder), str(out)])
+    deadline = time.monotonic() + 120
+    while not (out / "part-00001.json").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.kill()
+    process.wait()
+    done = json.loads((out / "index.json").read_text())["parts"]
+    assert 2 <= len(done) < 5, done  # killed part-way
+    finished = ImageIndex.load(out)
+    embedded = count_embedded(model, monkeypatch)
+    resumed = build_index(model, folder, out, batch_size=1, part_size=2, progress=False)
+    assert sum(embedded) == resumed.embedded == 8 - len(finished) and resumed.reused == len(finished)
+    monkeypatch.undo()
+    build_index(model, folder, tmp_path / "whole", batch_size=1, part_size=2, progress=False)
+    a, b = ImageIndex.load(out), ImageIndex.load(tmp_path / "whole")
+    assert a.ids == b.ids and a.paths == b.paths and a.header["parts"] == b.header["parts"]
+    torch.testing.assert_close(a.feats, b.feats)  # another process: equal up to its own float rounding
 
 
 def test_tar_shards_are_indexed_member_by_member(model, tmp_path):
