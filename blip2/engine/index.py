@@ -207,7 +207,7 @@ def open_index_header(folder: Path, model, model_name: str, kind: str, sources: 
     index_store.check_index_folder(folder)
     fingerprint = model_fingerprint(model)
     if not (folder / index_store.HEADER).is_file():
-        if folder.is_dir() and any(folder.iterdir()):
+        if folder.is_dir() and any(index_store.PART_NAME.fullmatch(entry.name) for entry in folder.iterdir()):
             raise ValueError(f"index {folder} has part files but no {index_store.HEADER}: build into a new folder")
         queries = 1 if kind == "pooled" else model.config.qformer_config.query_length
         return index_store.header(model_name, fingerprint, kind, queries, model.config.embed_dim, sources, [], 0)
@@ -383,12 +383,14 @@ def search(model, processor_or_tokenizer, index: ImageIndex, queries: Sequence[s
     text_feats, input_ids, attention_mask = encode_texts(model, tokenizer, [clean_caption(q) for q in queries],
                                                          max_length, device)
     scores, rows = index.search_features(text_feats.cpu(), k, mode)
+    image_processor = None
+    if rerank:
+        image_processor = (getattr(processor_or_tokenizer, "image_processor", None)
+                           or image_processor_for(model, model_source(model)))
     results = []
     for number in range(len(queries)):
         ranked = [(row, score, None) for row, score in zip(rows[number].tolist(), scores[number].tolist())]
         if rerank:
-            image_processor = getattr(processor_or_tokenizer, "image_processor", None) or image_processor_for(
-                model, model_source(model))
             scored = itm_rerank(model, image_processor, index, [r for r, _, _ in ranked], [s for _, s, _ in ranked],
                                 input_ids[number : number + 1], attention_mask[number : number + 1], device,
                                 batch_size)

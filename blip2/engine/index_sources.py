@@ -104,6 +104,7 @@ class ImageReader:
     def __init__(self) -> None:
         self.tar_path: str | None = None
         self.tar: tarfile.TarFile | None = None
+        self.members: dict[str, tarfile.TarInfo] = {}  # by name: TarFile.getmember is a linear search
 
     def read(self, path: str) -> Image.Image:
         """The image; ``ImageLoadError`` naming the path when it cannot be read."""
@@ -122,7 +123,10 @@ class ImageReader:
         if tar_path != self.tar_path:
             self.close()
             self.tar, self.tar_path = tarfile.open(tar_path), tar_path
-        handle = self.tar.extractfile(member)
+            self.members = {info.name: info for info in self.tar.getmembers()}
+        if member not in self.members:
+            raise KeyError(f"{member} is not in {tar_path}")
+        handle = self.tar.extractfile(self.members[member])
         if handle is None:
             raise KeyError(f"{member} is not a file in {tar_path}")
         return handle.read()
@@ -130,4 +134,4 @@ class ImageReader:
     def close(self) -> None:
         if self.tar is not None:
             self.tar.close()
-        self.tar, self.tar_path = None, None
+        self.tar, self.tar_path, self.members = None, None, {}
