@@ -302,8 +302,12 @@ def test_an_upload_over_the_size_limit_is_413_before_it_is_read(client) -> None:
     assert_one_line_error(client.post("/embed", files={"image": ("n.png", noise, "image/png")}), 413,
                           f"over the limit of {SETTINGS.max_upload_bytes} bytes")
 
+    big = b"\xff\xd8" + bytes(4 * 2**20)  # 4 MiB: far more than the socket buffers hold, so unless the server
+    response = client.post("/embed", files={"image": ("big.jpg", big, "image/jpeg")})  # drains, the client sees a reset
+    assert_one_line_error(response, 413, f"over the limit of {SETTINGS.max_upload_bytes} bytes")
+
     def chunks():  # chunked transfer: no Content-Length, so the limit is enforced while reading
-        for _ in range(40):
+        for _ in range(64):
             yield b"x" * 16384
 
     response = client.post("/embed", content=chunks(), headers={"content-type": "multipart/form-data; boundary=b"})

@@ -16,6 +16,7 @@ from PIL import Image, UnidentifiedImageError
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
 # content types an image part may declare: image/*, or none in particular (curl's default for unknown extensions)
 GENERIC_CONTENT_TYPES = ("", "application/octet-stream")
+DRAIN_BYTES = 32 * 2**20  # of a refused body, read and dropped so the client gets the 413 (see BodySizeLimit)
 
 
 class RequestError(Exception):
@@ -72,16 +73,19 @@ def decode_image(data: bytes, max_pixels: int, field: str = "image") -> Image.Im
 
 
 class BodySizeLimit:
-    """ASGI middleware: a request body over ``max_bytes`` is answered 413 without being read to its end.
+    """ASGI middleware: a request body over ``max_bytes`` is answered 413 and never held in memory.
 
-    A declared ``Content-Length`` over the limit is refused before a byte of the body is read; otherwise the body is
+    A declared ``Content-Length`` over the limit is refused before a byte of the body is kept; otherwise the body is
     read chunk by chunk and the request refused as soon as the running total passes the limit (chunked uploads
-    declare no length). A body within the limit is handed to the app unchanged.
+    declare no length). Before the 413 goes out, up to ``drain_bytes`` more of the body are read and dropped: a
+    server that closes a socket with unread data makes the kernel reset the connection, and the client would see
+    "connection reset" instead of the 413. A body within the limit is handed to the app unchanged.
     """
 
-    def __init__(self, app, max_bytes: int) -> None:
+    def __init__(self, app, max_bytes: int, drain_bytes: int = DRAIN_BYTES) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.drain_bytes = drain_bytes
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
@@ -89,7 +93,7 @@ class BodySizeLimit:
             return
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self.refuse(send, f"{int(declared)} bytes")
+            await self.refuse(receive, send, f"{int(declared)} bytes", more_body=True)
             return
         chunks, total = [], 0
         while True:
@@ -99,13 +103,19 @@ class BodySizeLimit:
             chunks.append(message.get("body", b""))
             total += len(chunks[-1])
             if total > self.max_bytes:
-                await self.refuse(send, f"more than {self.max_bytes} bytes")
+                chunks.clear()
+                await self.refuse(receive, send, f"more than {self.max_bytes} bytes", message.get("more_body"))
                 return
             if not message.get("more_body", False):
                 break
         await self.app(scope, replay(b"".join(chunks), receive), send)
 
-    async def refuse(self, send, size: str) -> None:
+    async def refuse(self, receive, send, size: str, more_body: bool) -> None:
+        drained = 0
+        while more_body and drained <= self.drain_bytes:
+            message = await receive()
+            drained += len(message.get("body", b""))
+            more_body = message["type"] == "http.request" and message.get("more_body", False)
         body = json.dumps({"error": f"upload too large: {size}, over the limit of {self.max_bytes} bytes"}).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
