@@ -43,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--search_mode", choices=MODES, default="auto",
                         help="index search: exact, faiss, or auto (faiss for large indexes; default)")
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads for the model (default: torch's own choice); on a busy machine fewer "
+                             "threads than cores keeps small forwards from waiting on descheduled threads")
     parser.add_argument("--seed", type=int, default=0, help="seeds a model built at random (blip2_tiny)")
     parser.add_argument("--log_level", default="info", choices=("critical", "error", "warning", "info", "debug"))
 
@@ -64,6 +67,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not model_name:
         raise ValueError("--model is required (a stage-1 preset or folder) unless --index names the model it was "
                          "built with")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads {args.threads} must be >= 1")
+        torch.set_num_threads(args.threads)
     device = distributed.pick_device(args.device)
     torch.manual_seed(args.seed)
     model = Blip2Qformer.from_pretrained(model_name)

@@ -27,7 +27,9 @@ class ServerThread:
     """
 
     def __init__(self, app, host: str = "127.0.0.1", log_level: str = "warning") -> None:
-        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted connections only when the listening socket
+        # says TCP, and without it Nagle + delayed ACKs hold every keep-alive answer ~40 ms
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.socket.bind((host, 0))  # bound here, so the port is known and nobody else takes it
         self.host, self.port = self.socket.getsockname()[:2]
         self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5,
