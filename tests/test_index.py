@@ -107,6 +107,7 @@ def test_search_ranks_indexed_images_by_the_models_own_itc(model, processor, tmp
     build_index(model, folder, tmp_path / "idx", batch_size=4, part_size=4, progress=False)
     index = ImageIndex.load(tmp_path / "idx")
     assert len(index) == 9 and index.ids[0] == "a/img1.png" and index.model_name == "blip2_tiny"
+    assert not index.large() and not (tmp_path / "idx" / "ann.faiss").exists()  # small: "auto" is exact
     assert index.paths[0] == str((folder / "a/img1.png").resolve())
     pixel_values = image_processor_for(model, "blip2_tiny")([Image.open(p) for p in index.paths])["pixel_values"]
     torch.testing.assert_close(index.feats, model.get_image_features(pixel_values))  # (N, Q, E) query features
@@ -136,7 +137,7 @@ def test_faiss_recall_at_10_is_at_least_099_of_exact_on_random_features(images, 
 
 
 def test_a_large_index_is_searched_through_its_saved_faiss_file(model, processor, tmp_path, monkeypatch):
-    monkeypatch.setattr(index_module, "ANN_MIN_IMAGES", 5)
+    monkeypatch.setattr(index_module, "ANN_MIN_VECTORS", 5 * 8)  # 5 images of the tiny model's 8 queries
     folder = image_folder(tmp_path / "images", 5)
     result = build_index(model, folder, tmp_path / "idx", part_size=3, progress=False)
     assert result.ann_built and (tmp_path / "idx" / "ann.faiss").is_file()
@@ -144,6 +145,7 @@ def test_a_large_index_is_searched_through_its_saved_faiss_file(model, processor
     exact = search(model, processor, index, QUERIES, k=3, mode="exact")
     calls = []
     monkeypatch.setattr(index_ann, "build_ann", lambda feats: calls.append(feats))  # the saved file must serve
+    monkeypatch.setattr(index_ann, "exact_search", None)  # and "auto" must take it
     for mode in ("auto", "faiss"):
         found = search(model, processor, index, QUERIES, k=3, mode=mode)
         assert [[entry["id"] for entry in ranking] for ranking in found] == [[e["id"] for e in r] for r in exact]
@@ -152,7 +154,7 @@ def test_a_large_index_is_searched_through_its_saved_faiss_file(model, processor
     assert calls == [] and index._ann is not None
     (folder / "a" / "img1.png").unlink()  # drops below the size: the faiss file goes
     monkeypatch.undo()
-    monkeypatch.setattr(index_module, "ANN_MIN_IMAGES", 5)
+    monkeypatch.setattr(index_module, "ANN_MIN_VECTORS", 5 * 8)  # 5 images of the tiny model's 8 queries
     assert not build_index(model, folder, tmp_path / "idx", progress=False).ann_built
     assert not (tmp_path / "idx" / "ann.faiss").exists()
 

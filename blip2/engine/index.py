@@ -1,6 +1,6 @@
 """An image index for text search (``blip2 index`` / ``blip2 search``): a stage-1 model's ITC image features of a
 folder of images or of webdataset tar shards, built incrementally and resumably, ranked by a text's ITC similarity
-(exact, or through faiss above ``ANN_MIN_IMAGES``), optionally re-ranked by ITM.
+(exact, or through faiss for large indexes), optionally re-ranked by ITM.
 
 Layout of an index folder::
 
@@ -11,8 +11,8 @@ Layout of an index folder::
     part-00000.json         {"part", "ids", "paths", "stats" ([size, mtime_ns] per row), "unreadable"
                              ([id, path, stat] each), "removed" (ids)}: written after the tensors, it marks the part
                              done
-    ann.faiss               the faiss index over the live vectors (only at ANN_MIN_IMAGES and above; "ann" in
-                             index.json names the parts it covers)
+    ann.faiss               the faiss index over the live vectors (only for a large index: ANN_MIN_IMAGES images
+                             or ANN_MIN_VECTORS vectors; "ann" in index.json names the parts it covers)
 
 The parts are an append-only log: a part's "removed" ids leave the index, its unreadable ids are known bad (not
 retried until the file changes), and its rows replace older rows of the same ids. A build lists the source, and
@@ -49,9 +49,11 @@ from blip2.processing.text import clean_caption
 
 logger = logging.getLogger("blip2")
 PART_SIZE = 256  # images per part file: a killed build loses at most this many images' work
-# images from which "auto" searches through faiss (benchmarks/bench_index.py, one query, 2 CPU cores): exact costs
-# N * Q vectors, faiss about REFINE_FACTOR * k * Q gathered for the exact re-score, so the crossover is in images
+# "auto" searches through faiss from either size on (benchmarks/bench_index.py, one query, 2 CPU cores): exact scans
+# N * Q vectors, faiss re-scores about REFINE_FACTOR * k images of Q vectors each; faiss was faster from 5k-10k
+# pooled images (1.0x at 5k, 2.1x at 10k) and from 1k-2k images of 32 queries (0.7x at 32k vectors, 1.9x at 64k)
 ANN_MIN_IMAGES = 8192
+ANN_MIN_VECTORS = 65536
 MODES = ("auto", "exact", "faiss")
 
 
@@ -134,18 +136,23 @@ class ImageIndex:
                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """text_feats (T, E) normalized -> (scores (T, k'), rows (T, k')), k' = min(k, len), best first (ties:
         lower row first). ``mode``: "exact" (brute force), "faiss" (candidates from faiss, re-scored exactly), "auto"
-        (faiss from ``ANN_MIN_IMAGES`` images on, when the index has its faiss file or built one)."""
+        (faiss from ``ANN_MIN_IMAGES`` images or ``ANN_MIN_VECTORS`` vectors on, when the index has its faiss file or
+        built one)."""
         check_search_args(k, mode)
         if text_feats.dim() != 2 or text_feats.shape[1] != self.feats.shape[2]:
             raise ValueError(f"text features of shape {tuple(text_feats.shape)}: expected (T, {self.feats.shape[2]})")
         text_feats = text_feats.detach().float().cpu()
         if len(self) == 0:
             return torch.zeros(len(text_feats), 0), torch.zeros(len(text_feats), 0, dtype=torch.long)
-        use_faiss = mode == "faiss" or (mode == "auto" and len(self) >= ANN_MIN_IMAGES
+        use_faiss = mode == "faiss" or (mode == "auto" and self.large()
                                         and (self._ann is not None or self.ann_file_fresh()))
         if use_faiss:
             return index_ann.ann_search(self.ann(), self.feats, text_feats, k)
         return index_ann.exact_search(self.feats, text_feats, k)
+
+    def large(self) -> bool:
+        """Whether faiss is faster than exact here: ``ANN_MIN_IMAGES`` images or ``ANN_MIN_VECTORS`` vectors."""
+        return len(self) >= ANN_MIN_IMAGES or self.num_vectors >= ANN_MIN_VECTORS
 
     def ann_file_fresh(self) -> bool:
         """Whether ``ann.faiss`` covers exactly this index's parts."""
@@ -262,11 +269,11 @@ def write_header(folder: Path, header: dict[str, Any], parts: list[str], records
 
 
 def refresh_ann(folder: Path, header: dict[str, Any]) -> bool:
-    """Write ``ann.faiss`` for the index as it is now when it has ``ANN_MIN_IMAGES`` images or more (unless it is
-    fresh already); below that, drop it. Returns whether one was written."""
+    """Write ``ann.faiss`` for the index as it is now when it is ``large()`` (unless it is fresh already); below
+    that, drop it. Returns whether one was written."""
     index = ImageIndex.load(folder)
     ann_path = folder / index_store.ANN_FILE
-    if len(index) < ANN_MIN_IMAGES:
+    if not index.large():
         header["ann"] = None
         index_store.write_json(folder / index_store.HEADER, header)
         ann_path.unlink(missing_ok=True)

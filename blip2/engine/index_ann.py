@@ -8,8 +8,8 @@ holds one vector per stored feature (N * Q for "queries", N for "pooled"); the v
 
 Why a quantized scan rather than a graph (HNSW) or IVF: on features without structure (random unit vectors,
 benchmarks/bench_index.py) a graph or an inverted list must visit almost every vector to reach recall 0.99, so they
-are slower than the exact product; a 16x smaller 4-bit code scanned with SIMD, re-scored exactly over
-``REFINE_FACTOR * k`` candidates, keeps recall at 0.99+ on such data and is several times faster than exact at 200k.
+are slower than the exact product; an 8x smaller 4-bit code scanned with SIMD, re-scored exactly over
+``REFINE_FACTOR * k`` candidates, keeps recall at 0.99+ on such data and is many times faster than exact at 50k+.
 """
 
 from __future__ import annotations
@@ -77,15 +77,17 @@ def ann_vectors(feats: torch.Tensor) -> np.ndarray:
 
 
 def build_ann(feats: torch.Tensor):
-    """A faiss index over every stored vector: a 4-bit PQ fast scan (E/2 sub-spaces of 2 dims), or a flat exact
-    one below ``PQ_MIN_VECTORS``."""
+    """A faiss index over every stored vector: a 4-bit PQ fast scan (E sub-spaces of one dimension), or a flat
+    exact one below ``PQ_MIN_VECTORS``."""
     faiss = faiss_lib()
     vectors = ann_vectors(feats)
     count, dim = vectors.shape
     if count < PQ_MIN_VECTORS:
         index = faiss.IndexFlatIP(dim)
     else:
-        index = faiss.IndexPQFastScan(dim, dim // 2 if dim % 2 == 0 else dim, 4, faiss.METRIC_INNER_PRODUCT)
+        # one 4-bit code per dimension (8x smaller than float32): with two dimensions per code, recall@10 of the
+        # max over 32 queries fell to 0.988 at 50k images; with one it stays 1.0 at the same speed
+        index = faiss.IndexPQFastScan(dim, dim, 4, faiss.METRIC_INNER_PRODUCT)
         sample = np.random.default_rng(PQ_SEED).choice(count, min(count, PQ_TRAIN_VECTORS), replace=False)
         index.train(vectors[np.sort(sample)])
     index.add(vectors)
