@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from blip2.files import TEMP_PREFIX
@@ -106,7 +107,10 @@ def read_part_feats(folder: Path, part: str, record: dict[str, Any]) -> torch.Te
     path = folder / part_files(part)[0]
     if not path.is_file():
         raise FileNotFoundError(f"index part {path} is missing (its record {part_files(part)[1]} is there)")
-    feats = load_file(str(path))[FEATURE_KEY]
+    try:
+        feats = load_file(str(path))[FEATURE_KEY]
+    except (SafetensorError, KeyError) as error:
+        raise ValueError(f"index part {path} cannot be read ({error}): rebuild the index") from error
     if len(feats) != len(record["ids"]):
         raise ValueError(f"index part {path} holds {len(feats)} rows, its record {len(record['ids'])}")
     return feats
