@@ -159,7 +159,7 @@ def test_a_large_index_is_searched_through_its_saved_faiss_file(model, processor
     assert not (tmp_path / "idx" / "ann.faiss").exists()
 
 
-# --- building: incremental, resumable ----------------------------------------------------------------------------------
+# --- building: incremental, resumable ---------------------------------------------------------------------------------
 def test_an_incremental_run_embeds_only_new_and_changed_files_and_drops_gone_ones(model, processor, tmp_path,
                                                                                   monkeypatch):
     folder = image_folder(tmp_path / "images", 6)
@@ -300,7 +300,7 @@ def test_rerank_scores_the_top_k_by_itc_plus_the_itm_match_logit(model, processo
     assert [entry["score"] for entry in reranked] == sorted((entry["score"] for entry in reranked), reverse=True)
 
 
-# --- refusals ------------------------------------------------------------------------------------------------------------
+# --- refusals ---------------------------------------------------------------------------------------------------------
 def test_an_index_refuses_another_model_another_kind_another_source_and_a_foreign_folder(model, tmp_path):
     folder = image_folder(tmp_path / "images", 2)
     build_index(model, folder, tmp_path / "idx", progress=False)
