@@ -122,7 +122,7 @@ async def load(url: str, endpoint: str, requests: int, concurrency: int, uploads
                 raise SystemExit(f"{endpoint}: HTTP {response.status_code}: {response.text[:300]}")
             return elapsed, response.json()
 
-        await asyncio.gather(*(call(i) for i in range(warmup)))
+        await asyncio.gather(*(call(i) for i in range(max(warmup, concurrency))))
         first = (await call(0))[1]
         pending = iter(range(requests))
         latencies: list[float] = []
@@ -216,7 +216,9 @@ def main() -> None:
     parser.add_argument("--endpoints", default=",".join(ENDPOINTS), help=f"some of {', '.join(ENDPOINTS)}")
     parser.add_argument("--requests", type=int, default=256, help="timed requests per endpoint and mode")
     parser.add_argument("--concurrency", type=int, default=32, help="clients sending at once")
-    parser.add_argument("--warmup", type=int, default=16, help="untimed requests per endpoint first")
+    parser.add_argument("--warmup", type=int, default=32,
+                        help="untimed requests per endpoint first, at once (at least --concurrency: every client's "
+                             "connection is open before timing)")
     parser.add_argument("--max_batch_size", type=int, default=16)
     parser.add_argument("--batch_window_ms", type=float, default=5.0)
     parser.add_argument("--index-images", type=int, default=256, help="images in the /search index")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import io
 import struct
+import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -23,8 +25,8 @@ from PIL import Image
 
 from blip2 import Blip2Qformer, pipeline
 from blip2.cli.main import main as blip2_main
-from blip2.cli import serve as cli_serve
 from blip2.engine.index import ImageIndex, build_index, search
+from blip2.serve import server as server_module
 from blip2.serve import (DynamicBatcher, ModelService, QueueFullError, RequestError, ServerThread, ServeSettings,
                          create_app, decode_image)
 
@@ -458,7 +460,7 @@ def test_the_batcher_queue_is_bounded() -> None:
 # --- the command --------------------------------------------------------------------------------------------------
 def test_blip2_serve_builds_the_app_it_is_asked_for(monkeypatch, index_folder) -> None:
     served = {}
-    monkeypatch.setattr(cli_serve, "serve_forever", lambda app, **kwargs: served.update(app=app, **kwargs))
+    monkeypatch.setattr(server_module, "serve_forever", lambda app, **kwargs: served.update(app=app, **kwargs))
     code = blip2_main(["serve", "--index", str(index_folder), "--port", "8123",  # the model: the index's
                           "--max_batch_size", "4", "--max_upload_mb", "1", "--device", "cpu"])
     assert code == 0 and served["host"] == "127.0.0.1" and served["port"] == 8123
@@ -476,8 +478,19 @@ def test_blip2_serve_builds_the_app_it_is_asked_for(monkeypatch, index_folder) -
     ([], "--model is required"),
 ])
 def test_blip2_serve_refuses_bad_options_in_one_line(capsys, monkeypatch, index_folder, argv, match) -> None:
-    monkeypatch.setattr(cli_serve, "serve_forever", lambda app, **kwargs: pytest.fail("must not serve"))
+    monkeypatch.setattr(server_module, "serve_forever", lambda app, **kwargs: pytest.fail("must not serve"))
     argv = [str(index_folder) if arg == "INDEX" else arg for arg in argv]
     assert blip2_main(["serve", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("blip2: error:") and "\n" not in err and match in err, err
+
+
+def test_the_blip2_command_works_without_the_web_stack_and_serve_says_what_to_install() -> None:
+    blocked = "import sys; sys.modules.update(dict.fromkeys(['fastapi', 'uvicorn', 'starlette', 'multipart']))"
+    code = f"{blocked}; from blip2.cli.main import main; sys.exit(main(['serve', '--model', 'blip2_tiny']))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "blip2: error: blip2 serve needs fastapi, uvicorn and python-multipart (import of fastapi halted; None in "
+        "sys.modules): pip install 'blip2[serve]'"]

@@ -13,9 +13,10 @@ import torch
 from blip2.engine import distributed
 from blip2.engine.index import MODES, ImageIndex
 from blip2.models import Blip2ImageToTextGeneration, Blip2Qformer
-from blip2.serve import ModelService, ServeSettings, create_app, serve_forever
+from blip2.serve.settings import ServeSettings
 
 DEFAULTS = ServeSettings()
+SERVE_PACKAGES = "fastapi, uvicorn and python-multipart"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,8 +61,20 @@ def settings_from(args: argparse.Namespace) -> ServeSettings:
                          max_image_pixels=args.max_image_pixels)
 
 
+def server_parts():
+    """``(ModelService, create_app, serve_forever)``; the web stack is optional, so it is imported here."""
+    try:
+        from blip2.serve.app import create_app
+        from blip2.serve.server import serve_forever
+        from blip2.serve.service import ModelService
+    except ImportError as error:
+        raise ValueError(f"blip2 serve needs {SERVE_PACKAGES} ({error}): pip install 'blip2[serve]'") from error
+    return ModelService, create_app, serve_forever
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = settings_from(args)  # bad numbers are refused before any model is read
+    ModelService, create_app, serve_forever = server_parts()
     index = ImageIndex.load(args.index) if args.index is not None else None
     model_name = args.model or (index.model_name if index is not None else None)
     if not model_name:
