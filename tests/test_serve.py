@@ -277,6 +277,38 @@ def test_a_full_queue_is_503_and_the_queued_requests_still_finish(model) -> None
     assert first.status_code == 200 and second.status_code == 200
 
 
+def test_a_request_not_answered_in_time_is_504_and_is_dropped_from_the_queue(model) -> None:
+    service = ModelService(model)
+    started, release, seen = threading.Event(), threading.Event(), []
+    embed = service.embed_text_batch
+
+    def held(items):
+        seen.extend(items)
+        started.set()
+        assert release.wait(30), "never released"
+        return embed(items)
+
+    service.embed_text_batch = held
+    settings = ServeSettings(max_batch_size=1, request_timeout_s=0.5)
+    with ServerThread(create_app(service, settings)) as running:
+        async def scenario():
+            async with httpx.AsyncClient(base_url=running.url, timeout=TIMEOUT) as http:
+                first = asyncio.create_task(http.post("/embed", data={"text": "one"}))
+                assert await asyncio.to_thread(started.wait, 30)
+                second = await http.post("/embed", data={"text": "two"})  # waits in the queue past its timeout
+                release.set()
+                return await asyncio.wait_for(first, 30), second, (await http.post("/embed", data={"text": "3"}))
+
+        try:
+            first, second, third = asyncio.run(scenario())
+        finally:
+            release.set()
+    assert_one_line_error(first, 504, "no answer within 0.5 s")  # held in its forward past the limit
+    assert_one_line_error(second, 504, "no answer within 0.5 s")
+    assert third.status_code == 200
+    assert seen == ["one", "3"]  # "two" timed out in the queue and never ran
+
+
 # --- bad requests -------------------------------------------------------------------------------------------------
 BAD_UPLOADS = [
     ("not an image", ("a.png", b"GIF89a? no, just text", "image/png"), 415, "not an image"),

@@ -11,6 +11,7 @@ features (to float rounding) and the same ranks and captions.
 from __future__ import annotations
 
 import io
+import threading
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
@@ -81,7 +82,8 @@ class ModelService:
         self.model_name = model_name or getattr(model, "name_or_path", None) or type(model).__name__
         self.caption_settings = dict(caption_settings or {})
         self.search_mode = search_mode
-        self.thumbnails: OrderedDict[int, bytes] = OrderedDict()
+        self.thumbnails: OrderedDict[int, bytes] = OrderedDict()  # row -> JPEG, least recently used first
+        self.thumbnails_lock = threading.Lock()  # thumbnails are made on the request threads, several at once
 
     # --- per request, in the request's thread --------------------------------------------------------------------
     def pixels(self, image: Image.Image) -> torch.Tensor:
@@ -96,17 +98,19 @@ class ModelService:
     def thumbnail(self, row: int) -> bytes:
         """A small JPEG of index row ``row`` (only rows of the index can be asked for, never a path);
         ``ImageLoadError`` when the image cannot be read any more."""
-        if row in self.thumbnails:
-            self.thumbnails.move_to_end(row)
-            return self.thumbnails[row]
+        with self.thumbnails_lock:
+            if row in self.thumbnails:
+                self.thumbnails.move_to_end(row)
+                return self.thumbnails[row]
         image = self.index.open_image(row).convert("RGB")
         image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=85)
-        self.thumbnails[row] = buffer.getvalue()
-        if len(self.thumbnails) > THUMBNAIL_CACHE:
-            self.thumbnails.popitem(last=False)
-        return self.thumbnails[row]
+        with self.thumbnails_lock:
+            self.thumbnails[row] = buffer.getvalue()
+            while len(self.thumbnails) > THUMBNAIL_CACHE:
+                self.thumbnails.popitem(last=False)
+        return buffer.getvalue()
 
     # --- per batch, on the worker thread -------------------------------------------------------------------------
     def stack(self, pixels: Sequence[torch.Tensor]) -> torch.Tensor:
