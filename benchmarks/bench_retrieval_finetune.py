@@ -75,6 +75,7 @@ def main() -> None:
                                        captions_per_image=3, seed=0)
         rows = [run("stage-1 start", base_config(data.root, root / "start", args.start_steps,
                                                  "contrastive_language_image_pretrain"))]
+        print(f"done: stage-1 start: r_mean {rows[0]['r_mean']:.2f}", flush=True)
         start_dir = root / "start" / "model"
         for name, task in (("+ stage-1 pretraining (frozen ViT)", "contrastive_language_image_pretrain"),
                            ("+ retrieval fine-tuning (image_id positives, ViT trained)",
@@ -89,6 +90,7 @@ def main() -> None:
                 config.optimizer.layer_decay = args.layer_decay
                 model = finetune_model(start_dir)
             rows.append(run(name, config, model))
+            print(f"done: {rows[-1]['run']}: r_mean {rows[-1]['r_mean']:.2f}", flush=True)
     print(f"\nshapes data: {args.num_train} train images x 3 captions, {args.num_test} test images x 3 captions; "
           f"fine-tune lr {args.finetune_lr}, ViT x{args.vision_lr_scale}, layer decay {args.layer_decay}\n")
     print(f"| {'run':<58} | steps | r_mean | txt_r1 | img_r1 | seconds |")
