@@ -241,6 +241,46 @@ def test_32_concurrent_requests_get_the_sequential_answers_and_are_batched(clien
     assert max(queue["largest_batch"] for queue in after.values()) > 1
 
 
+def test_stage2_captions_with_mixed_prompts_batch_to_the_pipelines_answers(model, tmp_path) -> None:
+    from llm_fixtures import tiny_llama, write_llama
+
+    from blip2 import Blip2ImageToTextGeneration
+    from blip2.models.base import init_bert_weights
+    from tests.helpers import tiny_config
+
+    torch.manual_seed(0)
+    llm_folder = write_llama(tiny_llama(), tmp_path / "llama")
+    captioner = Blip2ImageToTextGeneration(tiny_config(text_config={"checkpoint_name_or_path": str(llm_folder),
+                                                                    "seq_length": 40}))
+    init_bert_weights(captioner.qformer, std=0.2)  # wide weights: at the usual scale every image captions alike
+    with torch.no_grad():
+        captioner.llm_proj.weight.mul_(20)
+    captioner.eval()
+    expected_pipeline = pipeline("image_to_text_generation", model=captioner, max_new_tokens=8)
+    prompts = [None, "a", "a photo of", None, "what is it", "b", None, "c d"]
+    expected = [expected_pipeline(Image.open(io.BytesIO(image_bytes(30 + i))), prompt=prompt)["generated_text"]
+                for i, prompt in enumerate(prompts)]
+    service = ModelService(model, caption_model=captioner, caption_settings={"max_new_tokens": 8})
+    with ServerThread(create_app(service, ServeSettings(batch_window_ms=50))) as running:
+        async def scenario():
+            async with httpx.AsyncClient(base_url=running.url, timeout=TIMEOUT) as http:
+                def call(i: int, prompt: str | None):
+                    return http.post("/caption", files={"image": ("a.png", image_bytes(30 + i), "image/png")},
+                                     data={"prompt": prompt} if prompt else None)
+
+                answers = await asyncio.wait_for(asyncio.gather(*map(call, range(8), prompts)), 60)
+                health = (await http.get("/healthz")).json()
+                # a prompt too long for seq_length 40 fails its batch; rerun one by one, only it fails
+                mixed = await asyncio.wait_for(asyncio.gather(call(0, None), call(8, "word " * 40), call(2, "a")), 60)
+                return answers, health, mixed
+
+        answers, health, mixed = asyncio.run(scenario())
+    assert [response.json() for response in answers] == [{"caption": text} for text in expected]
+    assert health["caption_model"] == "stage-2" and health["queues"]["caption"]["largest_batch"] > 1
+    assert mixed[0].json() == {"caption": expected[0]} and mixed[2].status_code == 200
+    assert_one_line_error(mixed[1], 422, "the prompt is too long")
+
+
 # --- the queue bound ----------------------------------------------------------------------------------------------
 def test_a_full_queue_is_503_and_the_queued_requests_still_finish(model) -> None:
     service = ModelService(model)

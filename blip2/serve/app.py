@@ -69,7 +69,12 @@ class Server:
             self.executor.shutdown(wait=True, cancel_futures=True)
 
     async def run(self, name: str, item: Any) -> Any:
-        return await self.batchers[name].submit(item, timeout=self.settings.request_timeout_s)
+        """The item's answer from its endpoint's batcher. A ValueError is about this item's input (a batch that
+        fails is rerun item by item, so the error reaches only the request that caused it): 422."""
+        try:
+            return await self.batchers[name].submit(item, timeout=self.settings.request_timeout_s)
+        except ValueError as error:
+            raise RequestError(422, str(error)) from None
 
     def health(self) -> dict[str, Any]:
         service, index = self.service, self.service.index
