@@ -88,6 +88,17 @@ def _temp_path(directory: Path, name: str) -> Path:
     return directory / f"{TEMP_PREFIX}{secrets.token_hex(4)}-{name}"
 
 
+def write_atomic(path: Path, write: Callable[[Path], object], temp_prefix: str = TEMP_PREFIX) -> None:
+    """``write(temp)`` fills a temporary file beside ``path`` (named ``temp_prefix...``), which then replaces
+    ``path`` (``os.replace``): a reader, or a run killed midway, never sees half a file."""
+    temp = path.with_name(f"{temp_prefix}{secrets.token_hex(4)}-{path.name}")
+    try:
+        write(temp)
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
 def write_files(directory: Path, writers: dict[str, Callable[[Path], None]]) -> None:
     """Write each of our files: ``writers[name](path)`` writes to a temporary path in ``directory``; once all are
     written they replace the old files back to back (``os.replace``). On an error the temporary files are removed

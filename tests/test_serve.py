@@ -282,17 +282,24 @@ def test_stage2_captions_with_mixed_prompts_batch_to_the_pipelines_answers(model
 
 
 # --- the queue bound ----------------------------------------------------------------------------------------------
-def test_a_full_queue_is_503_and_the_queued_requests_still_finish(model) -> None:
+def held_text_batches(model):
+    """A service whose text batches wait for ``release`` once they start (``started``); ``seen`` lists their items."""
     service = ModelService(model)
-    started, release = threading.Event(), threading.Event()
+    started, release, seen = threading.Event(), threading.Event(), []
     embed = service.embed_text_batch
 
     def held(items):
+        seen.extend(items)
         started.set()
         assert release.wait(30), "never released"
         return embed(items)
 
     service.embed_text_batch = held
+    return service, started, release, seen
+
+
+def test_a_full_queue_is_503_and_the_queued_requests_still_finish(model) -> None:
+    service, started, release, _ = held_text_batches(model)
     settings = ServeSettings(max_batch_size=1, max_queue=1)
     with ServerThread(create_app(service, settings)) as running:
         async def scenario():
@@ -318,17 +325,7 @@ def test_a_full_queue_is_503_and_the_queued_requests_still_finish(model) -> None
 
 
 def test_a_request_not_answered_in_time_is_504_and_is_dropped_from_the_queue(model) -> None:
-    service = ModelService(model)
-    started, release, seen = threading.Event(), threading.Event(), []
-    embed = service.embed_text_batch
-
-    def held(items):
-        seen.extend(items)
-        started.set()
-        assert release.wait(30), "never released"
-        return embed(items)
-
-    service.embed_text_batch = held
+    service, started, release, seen = held_text_batches(model)
     settings = ServeSettings(max_batch_size=1, request_timeout_s=0.5)
     with ServerThread(create_app(service, settings)) as running:
         async def scenario():

@@ -8,9 +8,7 @@ browser of playwright's own.
 
 from __future__ import annotations
 
-import io
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -24,6 +24,10 @@ USER_ERRORS = (ConfigError, FileNotFoundError, ValueError, KeyError, WeightLoadE
                PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError, OutputWriteError)
 
 
+COMMANDS = {"run": run.cmd_run, "extract": extract.cmd_extract, "shard": shard.cmd_shard, "index": index.cmd_index,
+            "search": search.cmd_search, "serve": serve.cmd_serve}  # convert reports its own errors; demo below
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blip2", description="BLIP-2: train, evaluate and run the model")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -48,18 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "convert":
         return convert.run(args)
     try:
-        if args.command == "run":
-            return run.cmd_run(args)
-        if args.command == "extract":
-            return extract.cmd_extract(args)
-        if args.command == "shard":
-            return shard.cmd_shard(args)
-        if args.command == "index":
-            return index.cmd_index(args)
-        if args.command == "search":
-            return search.cmd_search(args)
-        if args.command == "serve":
-            return serve.cmd_serve(args)
+        if args.command in COMMANDS:
+            return COMMANDS[args.command](args)
         demo.run_demo(args.output_dir, steps=args.steps, device=args.device, stage2_steps=args.stage2_steps)
         return 0
     except USER_ERRORS as error:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -28,6 +27,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from blip2.engine import distributed
+from blip2.files import write_atomic
 from blip2.processing.auto import image_processor_for, model_source
 from blip2.processing.image import ImageLoadError, load_image
 
@@ -66,12 +66,7 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
 
 
 def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
-    temp = path.with_name(f".tmp-{secrets.token_hex(4)}-{path.name}")
-    try:
-        write(temp)
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
+    write_atomic(path, write, temp_prefix=".tmp-")
 
 
 def _write_json(path: Path, data) -> None:

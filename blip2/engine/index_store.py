@@ -8,18 +8,16 @@ after its tensors, so its presence marks the part done.
 from __future__ import annotations
 
 import json
-import os
 import re
-import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from blip2.files import TEMP_PREFIX
+from blip2.files import TEMP_PREFIX, write_atomic
 
 FORMAT = "blip2-image-index"
 VERSION = 1
@@ -42,15 +40,6 @@ def part_name(number: int) -> str:
 def is_own_file(name: str) -> bool:
     """Whether ``name`` is a file an index build writes (a left-over temporary file included)."""
     return name in (HEADER, ANN_FILE) or name.startswith(TEMP_PREFIX) or PART_NAME.fullmatch(name) is not None
-
-
-def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
-    temp = path.with_name(f"{TEMP_PREFIX}{secrets.token_hex(4)}-{path.name}")
-    try:
-        write(temp)
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
 
 
 def write_json(path: Path, data: Any) -> None:
