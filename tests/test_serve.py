@@ -156,6 +156,18 @@ def test_search_equals_the_library_search(client, model, index_folder) -> None:
         assert [hit["rank"] for hit in got["results"]] == [1, 2, 3, 4, 5]
 
 
+def test_search_with_rerank_equals_the_library_rerank(client, model, index_folder) -> None:
+    processor = pipeline("feature_extraction", model=model).processor
+    expected = search(model, processor, ImageIndex.load(index_folder), QUERIES[0], k=4, rerank=True)[0]
+    got = client.get("/search", params={"q": QUERIES[0], "k": 4, "rerank": 1}).json()["results"]
+    assert [hit["id"] for hit in got] == [hit["id"] for hit in expected]
+    for key in ("score", "itc", "itm"):
+        assert [hit[key] for hit in got] == pytest.approx([hit[key] for hit in expected], abs=1e-5)
+    plain = client.get("/search", params={"q": QUERIES[0], "k": 4}).json()["results"]
+    assert [hit["score"] for hit in got] != pytest.approx([hit["score"] for hit in plain], abs=1e-5)
+    assert_one_line_error(client.get("/search", params={"q": "x", "rerank": "yes"}), 422, "rerank")
+
+
 def test_thumbnails_are_small_jpegs_of_index_rows_only(client) -> None:
     response = client.get("/thumbnail/0")
     assert response.status_code == 200 and response.headers["content-type"] == "image/jpeg"

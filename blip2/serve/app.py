@@ -5,6 +5,7 @@
     POST /classify             form: image=<file>, labels=<str> (repeated, or one comma-separated), template, top_k
     POST /caption              form: image=<file> (prompt=<str> with a stage-2 caption model)
     GET  /search?q=...&k=10    the index's best images for a text query -> {"query", "results": [...]}
+                               (&rerank=1: the top k re-scored by ITC + ITM, as ``blip2 search --rerank``)
     GET  /thumbnail/{row}      a small JPEG of one index row
     GET  /                     the search page
 
@@ -216,14 +217,16 @@ async def caption(request: Request) -> dict[str, Any]:
 
 @router.get("/search")
 async def search(request: Request) -> dict[str, Any]:
-    """q=<query>&k=<n>: the index's best n images, ``[{"rank", "id", "row", "score", "thumbnail"}]``."""
+    """q=<query>&k=<n>[&rerank=1]: the index's best n images, ``[{"rank", "id", "row", "score", "thumbnail"}]``
+    (with rerank also "itc" and "itm": score = itc + itm)."""
     server = server_of(request)
     if server.service.index is None:
         raise RequestError(404, "no index is loaded: start the server with blip2 serve --index <folder>")
     params = request.query_params
     query = text_field(params, "q", server.settings.max_text_chars, required=True)
     k = int_field(params, "k", 10, 1, server.settings.max_k)
-    results = await server.run("search", SearchItem(query, min(k, len(server.service.index))))
+    rerank = int_field(params, "rerank", 0, 0, 1) == 1
+    results = await server.run("search", SearchItem(query, min(k, len(server.service.index)), rerank))
     return {"query": query, "results": results}
 
 

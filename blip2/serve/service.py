@@ -19,7 +19,7 @@ from typing import Any, Protocol, Sequence
 import torch
 from PIL import Image
 
-from blip2.engine.index import check_model
+from blip2.engine.index import check_model, search
 from blip2.models import Blip2Qformer
 from blip2.models.scoring import ranked_labels, zero_shot_logits
 from blip2.pipelines import pipeline
@@ -60,6 +60,7 @@ class CaptionItem:
 class SearchItem:
     query: str
     k: int
+    rerank: bool = False  # the top k re-scored as ITC + ITM match logit (the images re-read through the ViT)
 
 
 class ModelService:
@@ -157,12 +158,23 @@ class ModelService:
 
     @torch.no_grad()
     def search_batch(self, items: list[SearchItem]) -> list[list[dict[str, Any]]]:
-        """The queries' text features in one forward, then one index search for the largest k asked."""
-        text_feats = self.retrieval.encode_texts([item.query for item in items], len(items))[0]  # (T, E)
-        scores, rows = self.index.search_features(text_feats, max(item.k for item in items), mode=self.search_mode)
-        results = []
-        for item, row_scores, row_ids in zip(items, scores.tolist(), rows.tolist()):
-            hits = [(row, score) for row, score in zip(row_ids, row_scores) if row >= 0][: item.k]
-            results.append([{"rank": rank, "id": self.index.ids[row], "row": row, "score": score,
-                             "thumbnail": f"/thumbnail/{row}"} for rank, (row, score) in enumerate(hits, 1)])
-        return results
+        """The queries' text features in one forward, then one index search for the largest k asked; a query with
+        ``rerank`` goes through ``blip2.engine.index.search`` (its top k through the ViT and the ITM head)."""
+        plain = [item for item in items if not item.rerank]
+        answers: dict[int, list[dict[str, Any]]] = {}
+        if plain:
+            text_feats = self.retrieval.encode_texts([item.query for item in plain], len(plain))[0]  # (T, E)
+            scores, rows = self.index.search_features(text_feats, max(item.k for item in plain),
+                                                      mode=self.search_mode)
+            for item, row_scores, row_ids in zip(plain, scores.tolist(), rows.tolist()):
+                hits = [(row, score) for row, score in zip(row_ids, row_scores) if row >= 0][: item.k]
+                answers[id(item)] = [{"rank": rank, "id": self.index.ids[row], "row": row, "score": score,
+                                      "thumbnail": f"/thumbnail/{row}"} for rank, (row, score) in enumerate(hits, 1)]
+        for item in items:
+            if item.rerank:
+                hits = search(self.model, self.processor, self.index, [item.query], k=item.k, rerank=True,
+                              mode=self.search_mode, device=self.device)[0]
+                answers[id(item)] = [{"rank": hit["rank"], "id": hit["id"], "row": hit["row"], "score": hit["score"],
+                                      "itc": hit["itc"], "itm": hit["itm"], "thumbnail": f"/thumbnail/{hit['row']}"}
+                                     for hit in hits]
+        return [answers[id(item)] for item in items]
