@@ -159,6 +159,22 @@ def test_a_large_index_is_searched_through_its_saved_faiss_file(model, processor
     assert not (tmp_path / "idx" / "ann.faiss").exists()
 
 
+def test_without_faiss_a_large_index_stays_exact_and_faiss_mode_says_what_to_install(model, processor, tmp_path,
+                                                                                    monkeypatch):
+    monkeypatch.setattr(index_module, "ANN_MIN_VECTORS", 4 * 8)  # 4 images of the tiny model's 8 queries
+    monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss -> ImportError, as without the index extra
+    monkeypatch.setattr(index_ann, "faiss_available", lambda: False)
+    folder = image_folder(tmp_path / "images", 4)
+    result = build_index(model, folder, tmp_path / "idx", progress=False)
+    assert not result.ann_built and not (tmp_path / "idx" / "ann.faiss").exists()
+    index = ImageIndex.load(tmp_path / "idx")
+    assert index.large()
+    exact = search(model, processor, index, QUERIES, k=3, mode="exact")
+    assert search(model, processor, index, QUERIES, k=3, mode="auto") == exact
+    with pytest.raises(ValueError, match="faiss is not installed: pip install faiss-cpu"):
+        search(model, processor, index, QUERIES, k=3, mode="faiss")
+
+
 # --- building: incremental, resumable ---------------------------------------------------------------------------------
 def test_an_incremental_run_embeds_only_new_and_changed_files_and_drops_gone_ones(model, processor, tmp_path,
                                                                                   monkeypatch):
@@ -238,7 +254,13 @@ def test_a_build_killed_with_sigkill_resumes_where_it_stopped(model, tmp_path, m
     folder, out = image_folder(tmp_path / "images", 8), tmp_path / "idx"  # 9 files: 5 parts of 2
     process = subprocess.Popen([sys.executable, "-c", KILLED_BUILD, str(folder), str(out)])
     deadline = time.monotonic() + 120
-    while not (out / "part-00001.json").exists() and process.poll() is None and time.monotonic() < deadline:
+
+    def parts_recorded() -> int:  # index.json is replaced atomically: never read half written
+        header = out / "index.json"
+        return len(json.loads(header.read_text())["parts"]) if header.exists() else 0
+
+    # kill once two parts are recorded in index.json (the part files come first: waiting for them raced the header)
+    while parts_recorded() < 2 and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     process.kill()
     process.wait()

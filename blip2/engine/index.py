@@ -144,7 +144,7 @@ class ImageIndex:
         text_feats = text_feats.detach().float().cpu()
         if len(self) == 0:
             return torch.zeros(len(text_feats), 0), torch.zeros(len(text_feats), 0, dtype=torch.long)
-        use_faiss = mode == "faiss" or (mode == "auto" and self.large()
+        use_faiss = mode == "faiss" or (mode == "auto" and self.large() and index_ann.faiss_available()
                                         and (self._ann is not None or self.ann_file_fresh()))
         if use_faiss:
             return index_ann.ann_search(self.ann(), self.feats, text_feats, k)
@@ -279,6 +279,10 @@ def refresh_ann(folder: Path, header: dict[str, Any]) -> bool:
         ann_path.unlink(missing_ok=True)
         return False
     if index.ann_file_fresh():
+        return False
+    if not index_ann.faiss_available():
+        logger.warning("%d images: searches would be faster through faiss (pip install faiss-cpu); exact for now",
+                       len(index))
         return False
     ann = index_ann.build_ann(index.feats)
     index_store.write_atomic(ann_path, lambda temp: index_ann.faiss_lib().write_index(ann, str(temp)))

@@ -14,6 +14,8 @@ are slower than the exact product; an 8x smaller 4-bit code scanned with SIMD, r
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import torch
 
@@ -61,11 +63,21 @@ def exact_search(feats: torch.Tensor, text_feats: torch.Tensor, k: int) -> tuple
     return torch.cat([scores for scores, _ in results]), torch.cat([rows for _, rows in results])
 
 
+def faiss_available() -> bool:
+    """Whether faiss can be imported (the ``index`` extra): without it, "auto" search stays exact."""
+    return importlib.util.find_spec("faiss") is not None
+
+
 def faiss_lib():
     """The faiss module, set to one OpenMP thread (process-wide): faiss's own OpenMP runtime, spinning beside
     torch's, made both several times slower on a shared CPU (benchmarks/bench_index.py: a 50k search 9 ms on two
-    threads against 2 ms on one, the exact search beside it 50 ms against 14; a 200k build 13 s against 5 s)."""
-    import faiss
+    threads against 2 ms on one, the exact search beside it 50 ms against 14; a 200k build 13 s against 5 s).
+    Without faiss installed: a ValueError saying what to install."""
+    try:
+        import faiss
+    except ImportError:
+        raise ValueError("faiss is not installed: pip install faiss-cpu (or blip2[index]); exact search needs "
+                         "none") from None
 
     faiss.omp_set_num_threads(1)
     return faiss
