@@ -10,6 +10,7 @@ still deletes nothing), and an output that is a regular file is always refused.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import secrets
@@ -97,6 +98,11 @@ def write_atomic(path: Path, write: Callable[[Path], object], temp_prefix: str =
         os.replace(temp, path)
     finally:
         temp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: Path, data, temp_prefix: str = TEMP_PREFIX) -> None:
+    """``data`` as indented JSON, written with ``write_atomic``."""
+    write_atomic(path, lambda temp: temp.write_text(json.dumps(data, indent=1)), temp_prefix)
 
 
 def write_files(directory: Path, writers: dict[str, Callable[[Path], None]]) -> None:

@@ -42,6 +42,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from blip2.data.captions import read_annotations
 from blip2.data.classification import IMAGE_EXTENSIONS
+from blip2.files import write_atomic
 from blip2.processing.image import ImageLoadError, load_image
 from blip2.processing.text import clean_caption
 
@@ -122,13 +123,12 @@ def encode_image(path: Path, resize: int | None) -> tuple[bytes, str]:
 
 
 def _replace_atomically(path: Path, write: Callable[[Any], None]) -> None:
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    """``write(handle)`` fills a binary file that then replaces ``path`` (``blip2.files.write_atomic``)."""
+    def write_file(temp: Path) -> None:
         with open(temp, "wb") as handle:
             write(handle)
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
+
+    write_atomic(path, write_file)
 
 
 def _write_tar(path: Path, samples: list[dict[str, Any]]) -> None:

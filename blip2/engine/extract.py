@@ -26,13 +26,14 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from blip2.data.classification import IMAGE_EXTENSIONS
 from blip2.engine import distributed
-from blip2.files import write_atomic
+from blip2.files import write_atomic, write_json_atomic
 from blip2.processing.auto import image_processor_for, model_source
 from blip2.processing.image import ImageLoadError, load_image
 
 logger = logging.getLogger("blip2")
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+IMAGE_SUFFIXES = frozenset(IMAGE_EXTENSIONS)  # the suffixes image folders are read by, everywhere
 MANIFEST = "manifest.json"
 FEATURE_KEY = "image_feats"
 
@@ -63,14 +64,6 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     if not paths:
         raise ValueError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {folder}")
     return paths
-
-
-def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
-    write_atomic(path, write, temp_prefix=".tmp-")
-
-
-def _write_json(path: Path, data) -> None:
-    _write_atomic(path, lambda temp: temp.write_text(json.dumps(data, indent=1)))
 
 
 def _done_index(output_dir: Path, shard: int, ids: list[str]) -> dict | None:
@@ -110,9 +103,9 @@ def _embed_shard(model, image_processor, paths: Sequence[Path], batch_size: int,
 def _write_shard(output_dir: Path, shard: int, ids: list[str], feats: torch.Tensor, good: list[int],
                  bad: list[int]) -> None:
     tensor_name, index_name = shard_names(shard)
-    _write_atomic(output_dir / tensor_name, lambda temp: save_file({FEATURE_KEY: feats.contiguous()}, str(temp)))
+    write_atomic(output_dir / tensor_name, lambda temp: save_file({FEATURE_KEY: feats.contiguous()}, str(temp)))
     index = {"shard": shard, "ids": [ids[i] for i in good], "paths": ids, "unreadable": [ids[i] for i in bad]}
-    _write_json(output_dir / index_name, index)
+    write_json_atomic(output_dir / index_name, index)
 
 
 def write_manifest(output_dir: Path, shards: list[list[str]], shard_size: int) -> dict:
@@ -127,7 +120,7 @@ def write_manifest(output_dir: Path, shards: list[list[str]], shard_size: int) -
     manifest = {"feature": FEATURE_KEY, "num_images": sum(len(ids) for ids in shards), "shard_size": shard_size,
                 "num_shards": len(shards), "shards": done, "unreadable": unreadable,
                 "complete": len(done) == len(shards)}
-    _write_json(output_dir / MANIFEST, manifest)
+    write_json_atomic(output_dir / MANIFEST, manifest)
     return manifest
 
 

@@ -41,6 +41,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from blip2.engine import index_ann, index_store
+from blip2.files import write_atomic, write_json_atomic
 from blip2.engine.index_sources import ImageReader, SourceImage, list_source_images, source_paths
 from blip2.models.scoring import encode_texts
 from blip2.processing.auto import image_processor_for, model_source
@@ -265,7 +266,7 @@ def part_record(images: Sequence[SourceImage], good: list[int], bad: list[int], 
 def write_header(folder: Path, header: dict[str, Any], parts: list[str], records: list[dict]) -> None:
     header["parts"] = parts
     header["count"] = len(index_store.replay(records).live)
-    index_store.write_json(folder / index_store.HEADER, header)
+    write_json_atomic(folder / index_store.HEADER, header)
 
 
 def refresh_ann(folder: Path, header: dict[str, Any]) -> bool:
@@ -275,7 +276,7 @@ def refresh_ann(folder: Path, header: dict[str, Any]) -> bool:
     ann_path = folder / index_store.ANN_FILE
     if not index.large():
         header["ann"] = None
-        index_store.write_json(folder / index_store.HEADER, header)
+        write_json_atomic(folder / index_store.HEADER, header)
         ann_path.unlink(missing_ok=True)
         return False
     if index.ann_file_fresh():
@@ -285,9 +286,9 @@ def refresh_ann(folder: Path, header: dict[str, Any]) -> bool:
                        len(index))
         return False
     ann = index_ann.build_ann(index.feats)
-    index_store.write_atomic(ann_path, lambda temp: index_ann.faiss_lib().write_index(ann, str(temp)))
+    write_atomic(ann_path, lambda temp: index_ann.faiss_lib().write_index(ann, str(temp)))
     header["ann"] = {"parts": list(header["parts"]), "vectors": int(ann.ntotal), "type": type(ann).__name__}
-    index_store.write_json(folder / index_store.HEADER, header)
+    write_json_atomic(folder / index_store.HEADER, header)
     return True
 
 

@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from blip2.files import TEMP_PREFIX, write_atomic
+from blip2.files import TEMP_PREFIX, write_atomic, write_json_atomic
 
 FORMAT = "blip2-image-index"
 VERSION = 1
@@ -40,10 +40,6 @@ def part_name(number: int) -> str:
 def is_own_file(name: str) -> bool:
     """Whether ``name`` is a file an index build writes (a left-over temporary file included)."""
     return name in (HEADER, ANN_FILE) or name.startswith(TEMP_PREFIX) or PART_NAME.fullmatch(name) is not None
-
-
-def write_json(path: Path, data: Any) -> None:
-    write_atomic(path, lambda temp: temp.write_text(json.dumps(data, indent=1)))
 
 
 def read_json(path: Path, what: str) -> Any:
@@ -79,7 +75,7 @@ def write_part(folder: Path, part: str, feats: torch.Tensor | None, record: dict
     tensor_file, record_file = part_files(part)
     if feats is not None and len(feats):
         write_atomic(folder / tensor_file, lambda temp: save_file({FEATURE_KEY: feats.contiguous()}, str(temp)))
-    write_json(folder / record_file, {"part": part, **record})
+    write_json_atomic(folder / record_file, {"part": part, **record})
 
 
 def read_part_record(folder: Path, part: str) -> dict[str, Any]:

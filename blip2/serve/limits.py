@@ -12,6 +12,8 @@ import json
 
 from PIL import Image, UnidentifiedImageError
 
+from blip2.processing.image import load_image
+
 # formats Pillow decodes itself; others (EPS runs Ghostscript, for one) are refused before any plugin sees the bytes
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
 # content types an image part may declare: image/*, or none in particular (curl's default for unknown extensions)
@@ -67,7 +69,7 @@ def decode_image(data: bytes, max_pixels: int, field: str = "image") -> Image.Im
         raise RequestError(400, f"{field}: image is {width}x{height}")
     try:
         image.load()
-        return image if image.mode == "RGB" else image.convert("RGB")
+        return load_image(image)  # RGB as everywhere else
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise RequestError(400, f"{field}: corrupt or truncated image ({err})") from None
 

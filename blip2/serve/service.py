@@ -10,9 +10,9 @@ features (to float rounding) and the same ranks and captions.
 
 from __future__ import annotations
 
+import functools
 import io
-import threading
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
@@ -83,8 +83,8 @@ class ModelService:
         self.model_name = model_name or getattr(model, "name_or_path", None) or type(model).__name__
         self.caption_settings = dict(caption_settings or {})
         self.search_mode = search_mode
-        self.thumbnails: OrderedDict[int, bytes] = OrderedDict()  # row -> JPEG, least recently used first
-        self.thumbnails_lock = threading.Lock()  # thumbnails are made on the request threads, several at once
+        # row -> JPEG, the least recently used dropped first; lru_cache is safe on the request threads
+        self.thumbnail = functools.lru_cache(maxsize=THUMBNAIL_CACHE)(self.make_thumbnail)
 
     # --- per request, in the request's thread --------------------------------------------------------------------
     def pixels(self, image: Image.Image) -> torch.Tensor:
@@ -96,21 +96,14 @@ class ModelService:
         processor = self.captioner.processor if self.captioner is not None else self.processor
         return processor.image_processor.preprocess_one(image)
 
-    def thumbnail(self, row: int) -> bytes:
+    def make_thumbnail(self, row: int) -> bytes:
         """A small JPEG of index row ``row`` (only rows of the index can be asked for, never a path);
-        ``ImageLoadError`` when the image cannot be read any more."""
-        with self.thumbnails_lock:
-            if row in self.thumbnails:
-                self.thumbnails.move_to_end(row)
-                return self.thumbnails[row]
-        image = self.index.open_image(row).convert("RGB")
+        ``ImageLoadError`` when the image cannot be read any more (not cached: a later call tries again). Served
+        through ``self.thumbnail``, its cache."""
+        image = self.index.open_image(row)
         image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=85)
-        with self.thumbnails_lock:
-            self.thumbnails[row] = buffer.getvalue()
-            while len(self.thumbnails) > THUMBNAIL_CACHE:
-                self.thumbnails.popitem(last=False)
         return buffer.getvalue()
 
     # --- per batch, on the worker thread -------------------------------------------------------------------------
